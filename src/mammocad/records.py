@@ -125,9 +125,13 @@ class PredictedLesion:
     area: float = 0.0  # pixels in the original image
     mask_path: str | None = None
 
+    def __post_init__(self) -> None:
+        self.box = tuple(float(v) for v in self.box)  # type: ignore[assignment]
+        self.score = float(self.score)
+
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
-        d["box"] = [float(v) for v in self.box]
+        d["box"] = list(self.box)
         return d
 
     @classmethod

@@ -124,7 +124,7 @@ def read_image(path: str | Path, **dicom_options: Any) -> LoadedImage:
 
 
 def encode_png(array: np.ndarray) -> bytes:
-    """PNG bytes of a 2-D uint8 or uint16 array (bool is written as 0/255)."""
+    """PNG bytes of a uint8/uint16 greyscale or BGR(A) array (bool is written as 0/255)."""
     a = np.asarray(array)
     if a.dtype == np.bool_:
         a = a.astype(np.uint8) * 255
