@@ -12,12 +12,27 @@ from mammocad.errors import AnnotationError
 from mammocad.records import Lesion
 
 log = logging.getLogger(__name__)
-_SHIFT = 4  # cv2 fixed-point bits: sub-pixel polygon vertices
 
 
-def _fixed(points: np.ndarray) -> np.ndarray:
-    # Continuous edge coordinates -> pixel-index coordinates (centre of pixel i is i+0.5) -> fixed point.
-    return np.round((points - 0.5) * (1 << _SHIFT)).astype(np.int32)
+def _fill_polygon(points: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Pixels whose centre (c + 0.5, r + 0.5) lies inside the polygon (edge coordinates).
+
+    The pixel-centre rule is the one the circle branch uses and the one COCO's rasteriser follows
+    (a 10x20 rectangle covers exactly 200 pixels). cv2.fillPoly was not used: it also paints every
+    pixel the outline touches, which inflated areas by about half the perimeter (11x21 for 10x20).
+    """
+    from matplotlib.path import Path as PolygonPath  # lazy: matplotlib's import is slow
+
+    h, w = shape
+    mask = np.zeros((h, w), dtype=bool)
+    c0, r0 = max(int(np.floor(points[:, 0].min())), 0), max(int(np.floor(points[:, 1].min())), 0)
+    c1, r1 = min(int(np.ceil(points[:, 0].max())), w), min(int(np.ceil(points[:, 1].max())), h)
+    if c1 <= c0 or r1 <= r0:
+        return mask
+    rr, cc = np.mgrid[r0:r1, c0:c1]
+    centres = np.column_stack([cc.ravel() + 0.5, rr.ravel() + 0.5])
+    mask[r0:r1, c0:c1] = PolygonPath(points).contains_points(centres).reshape(rr.shape)
+    return mask
 
 
 def resize_mask_to(mask: np.ndarray, shape: tuple[int, int], source: str | Path) -> np.ndarray:
@@ -43,7 +58,11 @@ def rasterize_lesion(lesion: Lesion, shape: tuple[int, int]) -> np.ndarray | Non
         from mammocad.io.images import read_image
 
         img = read_image(lesion.mask_path)
-        mask = img.pixels > (0.5 if np.issubdtype(img.pixels.dtype, np.floating) else 0)
+        label_value = lesion.attributes.get("label_value")
+        if label_value is not None:  # one lesion of a label mask (folder adapter, mask_mode=instances)
+            mask = img.pixels == label_value
+        else:
+            mask = img.pixels > (0.5 if np.issubdtype(img.pixels.dtype, np.floating) else 0)
         mask = resize_mask_to(mask, shape, lesion.mask_path)
         return mask
     canvas = np.zeros((h, w), dtype=np.uint8)
@@ -51,8 +70,7 @@ def rasterize_lesion(lesion: Lesion, shape: tuple[int, int]) -> np.ndarray | Non
         pts = np.asarray(lesion.polygon, dtype=np.float64)
         if len(pts) < 3:
             raise AnnotationError(None, "polygon with fewer than 3 points")
-        cv2.fillPoly(canvas, [_fixed(pts)], 1, lineType=cv2.LINE_8, shift=_SHIFT)
-        return canvas.astype(bool)
+        return _fill_polygon(pts, (h, w))
     if lesion.circle is not None:
         cx, cy, r = lesion.circle
         yy, xx = np.ogrid[:h, :w]

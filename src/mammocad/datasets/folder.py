@@ -1,0 +1,199 @@
+"""Users' own data: ``images/`` + ``masks/`` (+ optional ``labels.csv``).
+
+Masks are matched to images by stem: ``masks/<stem>.png``, ``<stem>_mask.png``, ``<stem>_<k>.png``,
+``<stem>_mask_<k>.png`` (several lesions, one per file; the BUSI layout). With
+``mask_mode=instances`` one file is a label mask and each distinct non-zero value is a lesion
+(``attributes["label_value"]``, which ``rasterize_lesion`` honours). Masks are read once here, to
+tell lesions from empty masks; their size is checked against the image when they are rasterised.
+
+Image label, first that applies: ``labels.csv`` ``label``; benign/malignant from the lesions
+(``pathology`` column or unknown); ``normal`` when the image has only empty masks (an explicit
+negative annotation, as in BUSI's normal class); otherwise ``no_mask_means`` (default unknown:
+a missing mask does not prove an image normal).
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mammocad.datasets.registry import register_adapter
+from mammocad.datasets.via import check_options, image_label_from_word, inherit_pathology, parse_modality, pathology_from_word
+from mammocad.errors import AnnotationError, ConfigError, InputError, MammocadError
+from mammocad.io.images import read_image
+from mammocad.records import Case, Lesion, label_from_lesions
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = {".png", ".pgm", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"}
+MASK_SUFFIXES = {".png", ".pgm", ".tif", ".tiff", ".bmp"}  # lossless only: JPEG smears mask edges
+CSV_COLUMNS = ("image", "label", "patient_id", "laterality", "view", "modality", "pathology")
+_LATERALITY = {"l": "L", "left": "L", "r": "R", "right": "R"}
+
+
+def _list_images(images_dir: Path) -> dict[str, Path]:
+    if not images_dir.is_dir():
+        raise InputError(images_dir, "folder not found (expected images/ with the image files)")
+    images: dict[str, Path] = {}
+    for path in sorted(images_dir.iterdir()):
+        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
+            if path.stem in images:
+                raise InputError(images_dir, f"{images[path.stem].name} and {path.name} share the stem {path.stem!r}; masks are matched by stem")
+            images[path.stem] = path
+    if not images:
+        raise InputError(images_dir, f"empty folder: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return images
+
+
+def _mask_owner(stem: str, image_stems: dict[str, Path]) -> tuple[str, int] | None:
+    """(image stem, lesion index) of a mask file stem; an exact image stem wins over a suffix reading,
+    so that masks/a_1.png belongs to images/a_1.png when that image exists."""
+    for candidate, index in ((stem, 0), (stem[:-5] if stem.endswith("_mask") else None, 0)):
+        if candidate and candidate in image_stems:
+            return candidate, index
+    numbered = re.fullmatch(r"(.+)_(\d+)", stem)
+    if numbered:
+        base, index = numbered.group(1), int(numbered.group(2)) + 1
+        for candidate in (base, base[:-5] if base.endswith("_mask") else None):
+            if candidate and candidate in image_stems:
+                return candidate, index
+    return None
+
+
+def _match_masks(masks_dir: Path, images: dict[str, Path]) -> dict[str, list[Path]]:
+    matched: dict[str, list[tuple[int, str, Path]]] = {}
+    if not masks_dir.is_dir():
+        log.info("%s: no masks folder; labels come from labels.csv or no_mask_means", masks_dir)
+        return {}
+    for path in sorted(masks_dir.iterdir()):
+        if not (path.is_file() and path.suffix.lower() in MASK_SUFFIXES):
+            continue
+        owner = _mask_owner(path.stem, images)
+        if owner is None:
+            log.warning("%s: matches no image stem in images/; ignored", path)
+            continue
+        matched.setdefault(owner[0], []).append((owner[1], path.name, path))
+    return {stem: [p for _, _, p in sorted(found)] for stem, found in matched.items()}
+
+
+def _read_labels(csv_path: Path, images: dict[str, Path]) -> dict[str, dict[str, str]]:
+    """labels.csv rows by image stem; column names are matched case-insensitively."""
+    try:
+        with open(csv_path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.DictReader(fh)
+            columns = {str(c).strip().lower(): c for c in (reader.fieldnames or []) if c is not None}
+            if "image" not in columns:
+                raise AnnotationError(csv_path, f"missing required column 'image' (columns: {', '.join(columns) or 'none'})")
+            rows = list(reader)
+    except UnicodeDecodeError as exc:
+        raise AnnotationError(csv_path, f"not UTF-8 text ({exc.reason})") from None
+    except csv.Error as exc:
+        raise AnnotationError(csv_path, f"malformed CSV ({exc})") from None
+    by_stem: dict[str, dict[str, str]] = {}
+    for line, row in enumerate(rows, start=2):
+        values = {key: (row.get(columns[key]) or "").strip() for key in CSV_COLUMNS if key in columns}
+        name = values["image"]
+        stem = name if name in images else Path(name).stem
+        if stem not in images or (name != stem and images[stem].name != Path(name).name):
+            log.warning("%s line %d: image %r is not in images/; row ignored", csv_path, line, name)
+            continue
+        if stem in by_stem:
+            log.warning("%s line %d: second row for image %r; ignored", csv_path, line, name)
+            continue
+        by_stem[stem] = values
+    return by_stem
+
+
+def _lesions_from_masks(mask_paths: list[Path], instances: bool) -> tuple[list[Lesion], int]:
+    """(lesions, number of empty mask files)."""
+    lesions, empty = [], 0
+    for path in mask_paths:
+        pixels = read_image(path).pixels
+        values = np.unique(pixels)
+        values = values[values != 0]
+        if values.size == 0:
+            empty += 1
+        elif instances:
+            for value in values.tolist():
+                lesions.append(Lesion(mask_path=str(path), attributes={"label_value": value, "mask_file": path.name}))
+        else:
+            lesions.append(Lesion(mask_path=str(path), attributes={"mask_file": path.name}))
+    return lesions, empty
+
+
+def _option_choice(options: dict[str, Any], key: str, allowed: tuple[str, ...], default: str) -> str:
+    value = str(options.get(key) or default).strip().lower()
+    if value not in allowed:
+        raise ConfigError(f"folder option {key}", f"must be one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+@register_adapter("folder")
+def read_folder(raw_dir: Path, **options: Any) -> list[Case]:
+    """Cases from ``raw_dir/images`` + ``raw_dir/masks`` (+ ``raw_dir/labels.csv``). Options
+    (strings): modality (MG|US, default MG), mask_mode (binary|instances, default binary),
+    no_mask_means (unknown|normal, default unknown), labels (CSV file name, default labels.csv),
+    dataset (default 'folder')."""
+    check_options("folder", options, ("modality", "mask_mode", "no_mask_means", "labels", "dataset"))
+    raw_dir = Path(raw_dir).absolute()
+    modality = parse_modality(options.get("modality", "MG"), "folder")
+    instances = _option_choice(options, "mask_mode", ("binary", "instances"), "binary") == "instances"
+    no_mask_label = _option_choice(options, "no_mask_means", ("unknown", "normal"), "unknown")
+    dataset = options.get("dataset") or "folder"
+
+    images = _list_images(raw_dir / "images")
+    masks = _match_masks(raw_dir / "masks", images)
+    csv_path = raw_dir / (options.get("labels") or "labels.csv")
+    if options.get("labels") and not csv_path.is_file():
+        raise InputError(csv_path, "labels CSV not found")
+    labels = _read_labels(csv_path, images) if csv_path.is_file() else {}
+
+    cases = []
+    for stem, image_path in images.items():
+        row = labels.get(stem, {})
+        try:
+            lesions, empty = _lesions_from_masks(masks.get(stem, []), instances)
+        except MammocadError as exc:
+            log.warning("%s: image skipped, its mask is unreadable: %s", image_path, exc)
+            continue
+        where = f"{csv_path.name} row for {image_path.name}"
+        if row.get("pathology"):
+            pathology = pathology_from_word(row["pathology"])
+            for les in lesions:
+                les.pathology, les.source_label = pathology, row["pathology"]
+        label = label_from_lesions(lesions) if lesions else ("normal" if empty else no_mask_label)
+        label_from = "masks" if lesions or empty else f"no_mask_means={no_mask_label}"
+        if row.get("label"):
+            csv_label = image_label_from_word(row["label"]) or ("unknown" if row["label"].lower() == "unknown" else None)
+            if csv_label is None:
+                log.warning("%s: label %r is not normal/benign/malignant/unknown; ignored", where, row["label"])
+            elif csv_label == "normal" and lesions:
+                log.warning("%s: label 'normal' but %d lesion mask(s); label taken from the masks", where, len(lesions))
+            else:
+                inherit_pathology(lesions, csv_label)
+                label, label_from = csv_label, csv_path.name
+        laterality = _LATERALITY.get(row.get("laterality", "").lower()) if row.get("laterality") else None
+        if row.get("laterality") and laterality is None:
+            log.warning("%s: laterality %r is not L/R; ignored", where, row["laterality"])
+        case_modality = modality
+        if row.get("modality"):
+            try:
+                case_modality = parse_modality(row["modality"], where)
+            except ConfigError as exc:
+                log.warning("%s; the default %s is used", exc, modality)
+        attributes: dict[str, Any] = {"label_from": label_from, "patient_id_from": "labels.csv" if row.get("patient_id") else "image stem"}
+        if empty:
+            attributes["empty_masks"] = empty
+        cases.append(
+            Case(case_id=stem, patient_id=row.get("patient_id") or stem, dataset=dataset, modality=case_modality,
+                 image_path=str(image_path), laterality=laterality, view=(row.get("view") or "").upper() or None,
+                 label=label, lesions=lesions, attributes=attributes)
+        )
+    if not cases:
+        raise InputError(raw_dir / "images", "no usable images (every image was skipped, see the warnings)")
+    return cases
