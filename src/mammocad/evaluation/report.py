@@ -1,0 +1,143 @@
+"""Write an evaluation report as ``metrics.json`` (everything, machine-readable) and ``metrics.md``
+(the headline numbers with CIs, the counts, and the rules that define them)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mammocad.evaluation.bootstrap import MetricValue
+from mammocad.evaluation.lesion_detection import DetectionReport
+from mammocad.evaluation.segmentation import SegmentationReport
+from mammocad.io.atomic import atomic_write_text
+
+JSON_NAME, MARKDOWN_NAME = "metrics.json", "metrics.md"
+
+_HEADLINE_NAMES = {
+    "dice_lesion_images_mean": "Dice, lesion images, mean",
+    "dice_lesion_images_max": "Dice, lesion images, max",
+    "iou_lesion_images_mean": "IoU, lesion images, mean",
+    "iou_lesion_images_max": "IoU, lesion images, max",
+    "dice_all_images_mean": "Dice, all images (FP images = 0), mean",
+    "dice_all_images_max": "Dice, all images (FP images = 0), max",
+    "iou_all_images_mean": "IoU, all images (FP images = 0), mean",
+    "iou_all_images_max": "IoU, all images (FP images = 0), max",
+    "mean_iou": "Mean IoU over classes (dataset confusion matrix)",
+    "pixel_accuracy": "Pixel accuracy",
+    "mean_class_accuracy": "Mean per-class accuracy",
+}
+
+
+def _clean(obj: Any) -> Any:
+    """JSON-safe copy: NaN/inf become null (JSON has no NaN), numpy scalars become Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _clean(obj.tolist())
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    return obj
+
+
+def _fmt(x: float | None, digits: int = 4) -> str:
+    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _ci_text(m: MetricValue) -> str:
+    if m.ci is None:
+        return "—"
+    text = f"[{_fmt(m.ci.low)}, {_fmt(m.ci.high)}]"
+    if m.ci.degenerate:
+        text += " (degenerate: 1 patient)"
+    elif m.ci.n_valid < m.ci.n_boot:
+        text += f" ({m.ci.n_valid}/{m.ci.n_boot} resamples defined)"
+    return text
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def detection_markdown(det: DetectionReport, level: str = "##") -> list[str]:
+    lines = [f"{level} Lesion detection from the segmentation", "",
+             f"Images: {det.n_images} ({det.n_patients} patients); scorable lesions: {det.n_lesions}; "
+             f"lesions without geometry (not scored): {det.n_lesions_without_geometry}; "
+             f"predicted components: {det.n_components}.", "",
+             f"**Sensitivity at 1 FP/image: {_fmt(det.sensitivity_at_1fp.value)}**, 95% CI "
+             f"{_ci_text(det.sensitivity_at_1fp)}, threshold {_fmt(det.threshold_at_1fp)}", ""]
+    lines += _table(["FP/image ≤", "sensitivity", "score threshold"],
+                    [[f"{p['fp_per_image']:g}", _fmt(p["sensitivity"]), _fmt(p["threshold"])] for p in det.operating_points])
+    lines += ["", f"FROC curve: {len(det.froc)} points in {JSON_NAME} (`detection.froc`).", "", "Rules:", ""]
+    lines += [f"- {r}" for r in det.rules]
+    lines += [f"- Note: {n}" for n in det.notes]
+    return lines + [""]
+
+
+def segmentation_markdown(rep: SegmentationReport) -> list[str]:
+    c = rep.counts
+    lines = ["# Segmentation evaluation", "",
+             f"Images: {rep.n_images} from {rep.n_patients} patients; classes: {', '.join(rep.class_names)}.", "",
+             f"Lesion images (G non-empty): {c['lesion_images']}; **both empty: {c['both_empty']}** (not averaged in); "
+             f"false-positive images (G empty, P non-empty): {c['false_positive_images']}; "
+             f"scored pixels: {c['scored_pixels']}; ignored pixels: {c['ignored_pixels']}.", "",
+             "## Headline metrics", ""]
+    rows = [[_HEADLINE_NAMES.get(k, k), _fmt(m.value), _ci_text(m), str(m.n)] for k, m in rep.headline.items()]
+    lines += _table(["metric", "value", f"{int(rep.bootstrap['confidence'] * 100)}% CI", "n"], rows)
+    lines += ["", "## Per class (dataset-level confusion matrix)", ""]
+    lines += _table(["class", "IoU", "accuracy (recall)", "GT pixels", "predicted pixels"],
+                    [[p["class"], _fmt(p["iou"]), _fmt(p["accuracy"]), str(p["gt_pixels"]), str(p["pred_pixels"])]
+                     for p in rep.per_class])
+    lines += ["", "Confusion matrix (rows = ground truth, columns = prediction):", ""]
+    lines += _table(["GT \\ pred"] + rep.class_names,
+                    [[name] + [str(v) for v in row] for name, row in zip(rep.class_names, rep.confusion_matrix)])
+    if rep.class_dice:
+        lines += ["", "## Per-class Dice (images where the class is in the ground truth)", ""]
+        lines += _table(["class", "mean", "95% CI", "max", "n images"],
+                        [[name, _fmt(d["mean"].value), _ci_text(d["mean"]), _fmt(d["max"].value), str(d["mean"].n)]
+                         for name, d in rep.class_dice.items()])
+    fp = rep.false_positive_area
+    lines += ["", "## False-positive area on images without lesion", "",
+              f"Images without lesion: {fp['n_images_without_lesion']}; with a prediction: "
+              f"{fp['n_false_positive_images']} (rate {_fmt(fp['false_positive_image_rate'])}); "
+              f"FP pixels: {fp['total_fp_pixels']} (mean per image without lesion "
+              f"{_fmt(fp['mean_fp_pixels_per_image_without_lesion'], 1)}); "
+              f"mean fraction of the image on FP images: {_fmt(fp['mean_fp_fraction_of_image'])} "
+              f"(max {_fmt(fp['max_fp_fraction_of_image'])}); mean fraction of the breast: "
+              f"{_fmt(fp['mean_fp_fraction_of_breast'])}.", ""]
+    if rep.by_image_label:
+        lines += ["## By image label", ""]
+        lines += _table(["label", "images", "lesion images", "FP images", "Dice mean", "IoU mean"],
+                        [[k, str(v["n_images"]), str(v["n_lesion_images"]), str(v["n_false_positive_images"]),
+                          _fmt(v["dice_mean"]), _fmt(v["iou_mean"])] for k, v in rep.by_image_label.items()])
+        lines.append("")
+    if rep.detection is not None:
+        lines += detection_markdown(rep.detection)
+    b = rep.bootstrap
+    lines += ["## Rules", ""] + [f"- {r}" for r in rep.rules]
+    lines += [f"- Bootstrap: {b['n_boot']} resamples of {b['n_patients']} patients, seed {b['seed']}, "
+              f"{b['method']} intervals."]
+    lines += [f"- Note: {n}" for n in rep.notes]
+    return lines + [""]
+
+
+def write_report(report: SegmentationReport | DetectionReport, out_dir: str | Path) -> tuple[Path, Path]:
+    """Write ``metrics.json`` and ``metrics.md`` into ``out_dir`` (atomically); return both paths."""
+    out = Path(out_dir)
+    json_path, md_path = out / JSON_NAME, out / MARKDOWN_NAME
+    if isinstance(report, SegmentationReport):
+        md = segmentation_markdown(report)
+    elif isinstance(report, DetectionReport):
+        md = ["# Lesion detection evaluation", ""] + detection_markdown(report)
+    else:
+        raise TypeError(f"cannot write a report of type {type(report).__name__}")
+    atomic_write_text(json_path, json.dumps(_clean(report.to_dict()), indent=2, allow_nan=False) + "\n")
+    atomic_write_text(md_path, "\n".join(md))
+    return json_path, md_path
