@@ -122,12 +122,18 @@ class Geometry:
         if a.shape[:2] == (height, width):
             return a
         if kind == "nearest":  # label maps: centre-aligned nearest neighbour
-            return cv2.resize(a, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
-        if kind == "mask":  # binary masks: area/linear on the fraction covered, then threshold
-            f = cv2.resize(a.astype(np.float32), (width, height), interpolation=_interp(a.shape, height, width))
-            return (f >= 0.5).astype(a.dtype)
-        out = cv2.resize(a.astype(np.float32) if a.dtype == np.bool_ else a, (width, height),
-                         interpolation=_interp(a.shape, height, width))
+            out = cv2.resize(a, (width, height), interpolation=cv2.INTER_NEAREST_EXACT)
+        elif kind == "mask":  # binary masks: area/linear on the fraction covered, then threshold
+            on = a != 0  # 0/1 and 0/255 masks alike (a 0/255 uint8 mask must not become 0/1)
+            f = cv2.resize(on.astype(np.float32), (width, height), interpolation=_interp(a.shape, height, width))
+            out = f >= 0.5
+            if a.dtype != np.bool_:
+                out = out.astype(a.dtype) * a.max()
+        else:
+            out = cv2.resize(a.astype(np.float32) if a.dtype == np.bool_ else a, (width, height),
+                             interpolation=_interp(a.shape, height, width))
+        if out.ndim == a.ndim - 1:  # cv2 drops a trailing channel axis of length 1
+            out = out[..., None]
         return out
 
     def _apply(self, step: dict[str, Any], a: np.ndarray, kind: str, inverse: bool, fill: float) -> np.ndarray:
