@@ -1,0 +1,187 @@
+"""Segmentation models by name, like timm's ``@register_model``, plus the contract they all keep.
+
+Contract of every registered model (checked by ``tests/test_models.py`` over ``list_models()``):
+
+- input ``(N, in_channels, H, W)`` float, output logits ``(N, num_classes, H, W)`` at the input
+  resolution; ``num_classes == 1`` is a binary sigmoid logit, ``>= 2`` softmax logits;
+- ``H`` and ``W`` must be multiples of ``model.size_divisor`` (a clear ``ConfigError`` otherwise;
+  the tiled inference picks tile sizes that are multiples of it);
+- ``model.mammocad_config == {"name": ..., "kwargs": {...}}`` holds the JSON-able constructor
+  arguments, so a bundle rebuilds the architecture from JSON (``model_from_config``) and loads its
+  safetensors weights without pickle. Arguments that only *initialise* weights (``init_from``,
+  ``weights_path``) are not part of the architecture and are left out.
+
+The small helpers below (norm layers, input checks, local encoder weights) are shared by the
+model modules so each of them stays a plain description of its paper's architecture.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from mammocad.errors import ConfigError, InputError
+
+ModelFactory = Callable[..., nn.Module]
+_MODELS: dict[str, ModelFactory] = {}
+INIT_ONLY_KWARGS = ("init_from", "weights_path")  # change weights, not the architecture
+NORMS = ("batch", "group", "instance", "none")
+
+
+def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+    def deco(fn: ModelFactory) -> ModelFactory:
+        if name in _MODELS:
+            raise ValueError(f"model {name!r} registered twice")
+        _MODELS[name] = fn
+        return fn
+
+    return deco
+
+
+def _load_builtin() -> None:
+    # Importing the modules registers their factories; lazy so importing the registry is cheap.
+    from mammocad.models import baselines, deeplab, dilation, fcn, unet  # noqa: F401
+
+
+def list_models() -> list[str]:
+    _load_builtin()
+    return sorted(_MODELS)
+
+
+def create_model(name: str, **kwargs: Any) -> nn.Module:
+    """Build a registered model; records its architecture kwargs in ``model.mammocad_config``."""
+    _load_builtin()
+    if name not in _MODELS:
+        raise ConfigError(name, f"unknown model; known: {', '.join(sorted(_MODELS))}")
+    arch_kwargs = {k: v for k, v in kwargs.items() if k not in INIT_ONLY_KWARGS}
+    try:
+        # JSON round trip: tuples become lists, so the stored config equals what a bundle reads back.
+        arch_kwargs = json.loads(json.dumps(arch_kwargs))
+    except TypeError as err:
+        raise ConfigError(f"model {name}", f"arguments must be JSON values: {err}") from None
+    try:
+        model = _MODELS[name](**kwargs)
+    except TypeError as err:  # unknown / missing keyword: a config mistake, say which
+        raise ConfigError(f"model {name}", str(err)) from None
+    model.mammocad_config = {"name": name, "kwargs": arch_kwargs}
+    return model
+
+
+def model_config(model: nn.Module) -> dict[str, Any]:
+    """The JSON-able ``{"name", "kwargs"}`` that rebuilds ``model``'s architecture."""
+    cfg = getattr(model, "mammocad_config", None)
+    if cfg is None:
+        raise ConfigError(type(model).__name__, "model was not built by create_model; it has no mammocad_config")
+    return copy.deepcopy(cfg)
+
+
+def model_from_config(config: dict[str, Any]) -> nn.Module:
+    """Rebuild an (untrained) model from ``model_config(...)``, e.g. read from a bundle's JSON."""
+    if not isinstance(config, dict) or "name" not in config:
+        raise ConfigError("model config", "expected an object with 'name' and 'kwargs'")
+    return create_model(config["name"], **dict(config.get("kwargs") or {}))
+
+
+# ---------------------------------------------------------------- shared helpers for the models
+
+
+def check_input(model: nn.Module, x: torch.Tensor) -> None:
+    """Raise a one-line ConfigError when ``x`` does not fit the model's contract."""
+    name = getattr(model, "mammocad_config", {}).get("name", type(model).__name__)
+    if x.ndim != 4 or x.shape[1] != model.in_channels:
+        raise ConfigError(f"model {name}", f"expected input (N, {model.in_channels}, H, W), got {tuple(x.shape)}")
+    d = model.size_divisor
+    h, w = x.shape[-2:]
+    if h % d or w % d:
+        raise ConfigError(
+            f"model {name}", f"input size {h}x{w} is not a multiple of size_divisor {d}; pad or tile to a multiple of {d}"
+        )
+
+
+def group_count(channels: int, max_groups: int = 32) -> int:
+    """GroupNorm groups: as many as possible (<= max_groups) with >= 2 channels per group.
+
+    Two channels per group at least, because a group of one channel over a 1x1 map (ASPP's image
+    pooling branch) has zero variance and would output a constant."""
+    for g in (32, 16, 8, 4, 2):
+        if g <= max_groups and channels % g == 0 and channels // g >= 2:
+            return g
+    return 1
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        return nn.BatchNorm2d(channels)
+    if kind == "group":
+        return nn.GroupNorm(group_count(channels), channels)
+    if kind == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if kind == "none":
+        return nn.Identity()
+    raise ConfigError("norm", f"unknown norm {kind!r}; choose one of {', '.join(NORMS)}")
+
+
+def batchnorm_to_groupnorm(module: nn.Module) -> nn.Module:
+    """Replace every BatchNorm2d in ``module`` (in place) by a GroupNorm of the same width.
+
+    Used on torchvision building blocks that hard-code BatchNorm (DeepLab's ASPP): batch statistics
+    are meaningless with the 2-8 image batches a CPU trains with."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, nn.GroupNorm(group_count(child.num_features), child.num_features))
+        else:
+            batchnorm_to_groupnorm(child)
+    return module
+
+
+def kaiming_init(module: nn.Module) -> None:
+    """He init for convs (as torchvision's VGG/ResNet), unit/zero for norm affine parameters."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d)) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def load_encoder_weights(encoder: nn.Module, path: str | Path, in_channels: int) -> int:
+    """Copy convolution weights from a local safetensors file (torchvision key names) into ``encoder``.
+
+    Only tensors whose key exists in ``encoder`` with the same shape are copied, plus the first
+    convolution when the file has 3 input channels and the model 1 (RGB kernels summed, the usual
+    grey-scale adaptation). Returns how many tensors were copied; none is an error (wrong file).
+    Never downloads anything."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(path, "encoder weights file not found")
+    try:
+        source = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise InputError(path, f"not a readable safetensors file: {err}") from None
+    target = encoder.state_dict()
+    conv_keys = {
+        f"{name}.{p}" for name, m in encoder.named_modules() if isinstance(m, nn.Conv2d) for p in ("weight", "bias")
+    }
+    copied: dict[str, torch.Tensor] = {}
+    for key, value in source.items():
+        if key not in conv_keys or key not in target:
+            continue  # norm layers differ (we use GroupNorm), classifiers differ: convs only
+        want = target[key].shape
+        if value.shape == want:
+            copied[key] = value
+        elif value.ndim == 4 and value.shape[1] == 3 and in_channels == 1 and value.shape[0] == want[0]:
+            copied[key] = value.sum(dim=1, keepdim=True)
+    if not copied:
+        raise InputError(path, "no tensor in the file matches the encoder (wrong architecture or width?)")
+    encoder.load_state_dict(copied, strict=False)
+    return len(copied)

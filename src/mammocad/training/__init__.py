@@ -1,0 +1,1 @@
+"""Training: losses, task definitions and the training loop."""
