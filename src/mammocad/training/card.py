@@ -1,0 +1,97 @@
+"""The model card written into a bundle's ``model.json`` at the end of training.
+
+It says what the weights are (architecture comes from ``save_bundle``), how to feed them
+(preprocessing spec, classes, thresholds, tiling), what they were trained on (prepared dataset,
+adapter, fold, cases and patients per split, the splits file's SHA-256), how (the config, epochs,
+stages, device, time) and how well they did on the validation split (``evaluate_segmentation``
+headline metrics with patient-bootstrap CIs).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import platform
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mammocad.training.config import TrainConfig
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def training_data(cfg: TrainConfig, prepared: Any) -> dict[str, Any]:
+    """Where the training data came from and how it was split (counts read from the splits file)."""
+    from mammocad.datasets.prepared import SPLITS_FILE
+
+    splits_path = Path(cfg.data.splits) if cfg.data.splits is not None else prepared.root / SPLITS_FILE
+    data = prepared.load_splits(cfg.data.splits)
+    fold = data["folds"][cfg.data.fold]
+    known = {pc.case_id: pc for pc in prepared.cases}
+    counts = {}
+    for name in ("train", "val", "test"):
+        cases = [known[c] for c in fold[name] if c in known]
+        counts[name] = {"cases": len(cases), "patients": len({pc.patient_id for pc in cases}),
+                        "lesion_cases": sum(1 for pc in cases if pc.case.lesions)}
+    record = prepared.spec_record
+    return {
+        "prepared": str(Path(prepared.root).resolve()),
+        "adapter": record.get("adapter"),
+        "adapter_options": record.get("adapter_options", {}),
+        "datasets": sorted({pc.case.dataset for pc in prepared.cases}),
+        "fold": cfg.data.fold,
+        "n_folds": len(data["folds"]),
+        "splits_file": str(splits_path.resolve()),
+        "splits_sha256": file_sha256(splits_path),
+        "split_method": data.get("method"),
+        "split_seed": data.get("seed"),
+        "splits": counts,
+        "label_classes": cfg.data.class_names,
+        "unknown_pathology_label": cfg.data.unknown,
+    }
+
+
+def validation_summary(report: Any) -> dict[str, Any] | None:
+    """The card's validation section: the report without its per-image rows."""
+    if report is None:
+        return None
+    d = report.to_dict()
+    d.pop("per_image", None)
+    d.pop("rules", None)  # long text; the full report (with the rules) is in the run folder
+    return d
+
+
+def build_card(cfg: TrainConfig, prepared: Any, *, report: Any, training: dict[str, Any]) -> dict[str, Any]:
+    from mammocad import __version__
+
+    b = cfg.bundle
+    return {
+        "name": b.name,
+        "version": b.version,
+        "description": b.description,
+        "reproduces": b.reproduces,
+        "intended_use": b.intended_use,
+        "limitations": list(b.limitations),
+        "task": "segmentation",
+        "modality": prepared.spec.modality,
+        "class_names": cfg.data.class_names,
+        "output": "sigmoid" if cfg.data.num_classes == 1 else "softmax",
+        "preprocessing": prepared.spec.model_dump(mode="json"),
+        "thresholds": {"probability": cfg.inference.threshold, "min_area": cfg.inference.min_area},
+        "tiling": {"tile": cfg.inference.tile, "overlap": cfg.inference.overlap, "mode": cfg.inference.mode,
+                   "batch_size": cfg.inference.batch_size},
+        "training_data": training_data(cfg, prepared),
+        "training": training,
+        "validation": validation_summary(report),
+        "config": cfg.to_json(),
+        "software": {"mammocad": __version__, "torch": torch.__version__, "python": platform.python_version()},
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
