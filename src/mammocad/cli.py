@@ -100,9 +100,76 @@ def synth(
 
 
 @app.command()
+def train(
+    config: Path = typer.Argument(..., help="training config (YAML), e.g. configs/mias_unet.yaml"),
+    out: Optional[Path] = typer.Option(None, help="run folder (default runs/<config name>)"),
+    resume: bool = typer.Option(False, help="continue from the run folder's checkpoint"),
+    epochs: Optional[int] = typer.Option(None, min=1, help="override the epochs (of every stage)"),
+    max_minutes: Optional[float] = typer.Option(None, help="time budget: no epoch starts that would end past it"),
+    device: str = typer.Option("auto", help="cpu | cuda | auto"),
+) -> None:
+    """Train a segmentation model; writes logs, checkpoints and a model bundle (OUT/bundle).
+    Multi-GPU / multi-node: launch the same command with torchrun."""
+    from mammocad.training.config import load_config, with_overrides
+    from mammocad.training.engine import train as run_training
+
+    cfg = with_overrides(load_config(config), epochs=epochs, max_minutes=max_minutes)
+    run_training(cfg, out if out is not None else Path("runs") / config.stem, resume=resume, device=device)
+
+
+@app.command()
+def predict(
+    inputs: list[Path] = typer.Argument(..., help="image files (DICOM, PNG, PGM, JPEG, TIFF) and/or folders (searched recursively)"),
+    out: Path = typer.Option(..., "--out", help="output folder"),
+    model: Optional[str] = typer.Option(None, help="bundle name or folder (default: by modality, "
+                                                   "mammo-lesion-seg for MG, us-lesion-seg for US)"),
+    modality: str = typer.Option("MG", help="MG | US: the modality of plain images (PNG, JPEG, ...), which carry "
+                                            "none; DICOM files are told by their header"),
+    overwrite: bool = typer.Option(False, help="redo inputs whose JSON already exists (default: skip them)"),
+    device: str = typer.Option("auto", help="cpu | cuda | auto"),
+    batch_size: Optional[int] = typer.Option(None, min=1, help="tiles per forward pass (default: the bundle's)"),
+    autocast: str = typer.Option("auto", help="auto (bf16 where the CPU/GPU computes it natively) | bf16 | fp32"),
+) -> None:
+    """Find lesions: per input <stem>.json, <stem>_mask.png, <stem>_lesion<k>.png and <stem>_overlay.png,
+    all in the original image's pixels; summary.json at the end. Exit 1 if any input failed."""
+    from mammocad.inference.predict_run import predict_files
+
+    report = predict_files(inputs, out, model=model, modality=modality, overwrite=overwrite, device=device,
+                           batch_size=batch_size, autocast=autocast)
+    report.print_summary()
+    if report.n_failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def evaluate(
+    prepared_dir: Path = typer.Argument(..., help="a prepared dataset (with splits.json unless --split all)"),
+    model: Optional[str] = typer.Option(None, help="bundle name or folder to run on the split's prepared images"),
+    predictions: Optional[Path] = typer.Option(None, help="or: the output folder of `mammocad predict` to score"),
+    split: str = typer.Option("val", help="train | val | test | all"),
+    fold: int = typer.Option(0, min=0),
+    out: Path = typer.Option(Path("eval_out"), "--out", help="where metrics.json and metrics.md go"),
+    splits: Optional[Path] = typer.Option(None, help="splits file (default PREPARED_DIR/splits.json)"),
+    n_boot: int = typer.Option(2000, min=0, help="bootstrap resamples (patients) for the 95% CIs"),
+    device: str = typer.Option("auto", help="cpu | cuda | auto"),
+    autocast: str = typer.Option("auto", help="auto (bf16 where the CPU/GPU computes it natively) | bf16 | fp32"),
+) -> None:
+    """Score a segmentation bundle or saved predictions on a prepared split: Dice/IoU, mIoU, FP area,
+    lesion detection (FROC), patient-bootstrap CIs -> metrics.json + metrics.md."""
+    from mammocad.evaluation.run import evaluate_prepared, print_headline
+
+    if (model is None) == (predictions is None):
+        raise MammocadError("evaluate", "give exactly one of --model and --predictions")
+    report = evaluate_prepared(model if model is not None else predictions, prepared_dir, split=split, fold=fold,
+                               out_dir=out, splits_path=splits, device=device, autocast=autocast, n_boot=n_boot)
+    print_headline(report)
+    typer.echo(f"wrote {out / 'metrics.json'} and {out / 'metrics.md'}")
+
+
+@app.command()
 def demo(
     out: Path = typer.Option(Path("demo_out"), help="output folder"),
-    n: int = typer.Option(4, "--n", min=1, help="synthetic images"),
+    n: int = typer.Option(8, "--n", min=1, help="synthetic images (4 per patient)"),
 ) -> None:
     """Synthetic study -> prepared dataset -> preview PNGs and a printed summary."""
     from mammocad.demo import run_demo
@@ -113,7 +180,7 @@ def demo(
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="mammocad: %(message)s")
     try:
-        app(args=argv, standalone_mode=False)
+        code = app(args=argv, standalone_mode=False)  # without standalone mode a typer.Exit comes back as its code
     except MammocadError as err:
         typer.echo(f"mammocad: {err}", err=True)
         sys.exit(1)
@@ -122,13 +189,13 @@ def main(argv: list[str] | None = None) -> None:
     except (typer.Abort, KeyboardInterrupt):
         typer.echo("mammocad: interrupted", err=True)
         sys.exit(130)
-    except Exception as exc:  # click usage errors carry their own message
-        import click
-
-        if isinstance(exc, click.ClickException):
+    except Exception as exc:  # click usage errors carry their own message (typer vendors click: no `import click`)
+        if isinstance(exc, typer.TyperException) and hasattr(exc, "show"):
             exc.show()
-            sys.exit(exc.exit_code)
+            sys.exit(getattr(exc, "exit_code", 2))
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

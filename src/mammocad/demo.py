@@ -15,7 +15,7 @@ from rich.table import Table
 from mammocad.io.images import write_png
 
 
-def run_demo(out: Path, n: int = 4, seed: int = 0, console: Console | None = None) -> dict:
+def run_demo(out: Path, n: int = 8, seed: int = 0, console: Console | None = None) -> dict:
     from mammocad.datasets.prepared import PreparedDataset, prepare_dataset
     from mammocad.datasets.splits import make_splits
     from mammocad.preprocess.pipeline import PreprocessSpec
@@ -36,7 +36,8 @@ def run_demo(out: Path, n: int = 4, seed: int = 0, console: Console | None = Non
     report.print_summary()
 
     console.print("[bold]3/4[/] patient-level split")
-    split = make_splits(prepared_dir, val=0.25, test=0.25, seed=seed, official=False)
+    # A demo study is a handful of patients: half of them for validation, no test split.
+    split = make_splits(prepared_dir, val=0.5, test=0.0, seed=seed, official=False)
     split.print_summary()
 
     previews = out / "previews"
