@@ -259,3 +259,30 @@ def test_bad_model_and_missing_input(tmp_path, bundle):
     assert json.loads((tmp_path / "o2" / "a.json").read_text())["input"] == str(png.resolve())  # not overwritten
     lesions = json.loads((tmp_path / "o2" / f"{stem}.json").read_text())["lesions"]  # no rectangle: the breast is
     assert len(lesions) == 1 and lesions[0]["area"] > 20 * RECT_AREA  # the brightest thing, all "lesion"
+
+
+def test_max_lesions_keeps_the_highest_scoring_components_and_tta_averages_flips(tmp_path):
+    """``thresholds.max_lesions`` and ``tiling.tta`` in the card reach the predictor."""
+    plain = Predictor(pointwise_bundle(tmp_path / "plain", modality="US", long_side=128))
+    img = np.full((128, 128), 0.2, np.float32)
+    img[10:30, 10:30] = 0.9  # brighter blob: higher score
+    img[80:100, 70:95] = 0.8
+    probs = plain.probabilities(img, None)
+    assert len(plain.lesions(probs, None)) == 2
+
+    bundle = pointwise_bundle(tmp_path / "top1", modality="US", long_side=128)
+    card_path = bundle / "model.json"
+    card = json.loads(card_path.read_text())
+    card["thresholds"]["max_lesions"] = 1
+    card["tiling"]["tta"] = ["hflip"]
+    card_path.write_text(json.dumps(card))
+    top1 = Predictor(bundle)
+    kept = top1.lesions(top1.probabilities(img, None), None)
+    assert len(kept) == 1 and kept[0].box == (10, 10, 30, 30)
+    # a pointwise model is mirror-symmetric: flip TTA must give the plain probabilities back
+    np.testing.assert_allclose(top1.probabilities(img, None), probs, atol=1e-6)
+
+    card["tiling"]["tta"] = ["vflip"]
+    card_path.write_text(json.dumps(card))
+    with pytest.raises(Exception, match="tta"):
+        Predictor(bundle)

@@ -334,3 +334,22 @@ def test_real_mias_full_cli_with_two_workers_then_split_and_audit(tmp_path):
     assert runner.invoke(app, ["split", str(out), "--folds", "3"]).exit_code == 0
     audit = runner.invoke(app, ["audit", str(out)])
     assert audit.exit_code == 0, audit.output
+
+
+def test_spec_records_the_modality_the_cases_went_through(tmp_path):
+    """A US dataset prepared with the default (MG) spec records the US pipeline it really got."""
+    import cv2
+    import numpy as np
+
+    from mammocad.datasets.prepared import PreparedDataset, prepare_dataset
+
+    raw = tmp_path / "busi" / "benign"
+    raw.mkdir(parents=True)
+    img = np.full((60, 80), 90, np.uint8)
+    img[20:40, 30:50] = 30
+    mask = np.zeros_like(img)
+    mask[20:40, 30:50] = 255
+    cv2.imwrite(str(raw / "benign (1).png"), img)
+    cv2.imwrite(str(raw / "benign (1)_mask.png"), mask)
+    prepare_dataset("busi", tmp_path / "busi", tmp_path / "out", workers=1, progress=False)
+    assert PreparedDataset(tmp_path / "out").spec.modality == "US"

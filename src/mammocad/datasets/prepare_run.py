@@ -294,6 +294,9 @@ def prepare_dataset(dataset: str, raw_dir: str | Path, out_dir: str | Path, spec
         if c.case_id in seen:
             raise InputError(raw_dir, f"the {dataset} adapter returned case id {c.case_id!r} twice")
         seen.add(c.case_id)
+    modalities = sorted({c.modality for c in cases})
+    if len(modalities) == 1:  # record the spec every case really went through (US cases: the US pipeline)
+        spec = spec.for_modality(modalities[0])
     if out_dir.exists() and not out_dir.is_dir():
         raise InputError(out_dir, "exists and is not a folder")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -47,6 +47,8 @@ class BundleSettings:
     overlap: float
     mode: str
     batch_size: int
+    max_lesions: int | None = None  # keep the k highest-scoring components (None = all)
+    tta: tuple[str, ...] = ()  # test-time augmentations whose probabilities are averaged ("hflip")
 
     @classmethod
     def from_card(cls, card: dict[str, Any], source: str | Path) -> "BundleSettings":
@@ -62,9 +64,13 @@ class BundleSettings:
                            threshold=float(thresholds.get("probability", thresholds.get("threshold", 0.5))),
                            min_area=int(thresholds.get("min_area", 16)), tile=int(tiling.get("tile", 256)),
                            overlap=float(tiling.get("overlap", 0.25)), mode=str(tiling.get("mode", "sliding")),
-                           batch_size=int(tiling.get("batch_size", 4)))
+                           batch_size=int(tiling.get("batch_size", 4)),
+                           max_lesions=None if thresholds.get("max_lesions") is None else int(thresholds["max_lesions"]),
+                           tta=tuple(str(t) for t in tiling.get("tta") or ()))
         except (TypeError, ValueError) as exc:
             raise ConfigError(source, f"model card: bad thresholds/tiling ({exc})") from None
+        if set(settings.tta) - {"hflip"} or (settings.max_lesions is not None and settings.max_lesions < 1):
+            raise ConfigError(source, f"model card: unknown tta {list(settings.tta)} or max_lesions {settings.max_lesions}")
         if len(names) < 2 or not 0.0 < settings.threshold < 1.0:
             raise ConfigError(source, f"model card: need >= 2 class names (background first) and a threshold in (0, 1), "
                                       f"got {list(names)} and {settings.threshold}")
@@ -137,17 +143,29 @@ class Predictor:
         from mammocad.inference.tiling import predict_tiled
 
         s = self.settings
-        return predict_tiled(self.model, pixels, tile=s.tile, overlap=s.overlap, batch_size=self.batch_size,
-                             breast_mask=breast_mask, mode=s.mode, autocast=self.autocast, device=self.device,
-                             num_threads=self.num_threads)
+
+        def run(img: np.ndarray, breast: np.ndarray | None) -> np.ndarray:
+            return predict_tiled(self.model, img, tile=s.tile, overlap=s.overlap, batch_size=self.batch_size,
+                                 breast_mask=breast, mode=s.mode, autocast=self.autocast, device=self.device,
+                                 num_threads=self.num_threads)
+
+        probs = run(pixels, breast_mask)
+        if "hflip" in s.tta:  # average with the prediction of the mirrored image, mirrored back
+            flipped = run(np.ascontiguousarray(pixels[:, ::-1]),
+                          None if breast_mask is None else np.ascontiguousarray(breast_mask[:, ::-1]))
+            probs = 0.5 * (probs + flipped[:, :, ::-1])
+        return probs
 
     def lesions(self, probs: np.ndarray, breast_mask: np.ndarray | None) -> list[Any]:
         """Lesion components on the grid of ``probs`` (the bundle's threshold and minimum area)."""
         from mammocad.inference.postprocess import probability_to_lesions
 
         s = self.settings
-        return probability_to_lesions(probs, threshold=s.threshold, min_area=s.min_area,
-                                      class_names=self.channel_names, breast_mask=breast_mask)
+        found = probability_to_lesions(probs, threshold=s.threshold, min_area=s.min_area,
+                                       class_names=self.channel_names, breast_mask=breast_mask)
+        if s.max_lesions is not None:
+            found = sorted(found, key=lambda c: -c.score)[:s.max_lesions]
+        return found
 
     def predict_image(self, image: str | Path | LoadedImage, laterality: str | None = None) -> ImagePrediction:
         """Predict one image; boxes, areas and masks are in the original image's pixel grid.

@@ -137,6 +137,10 @@ class InferenceConfig(_Section):
     threshold: float = Field(0.5, gt=0.0, lt=1.0)  # binary models: lesion when probability >= threshold
     min_area: int = Field(0, ge=0)  # pixels; smaller predicted components are dropped by the postprocessing
     mode: Literal["sliding", "four"] = "sliding"  # Gaussian-blended sliding window, or the papers' 4 quadrants
+    # Keep only the k highest-scoring components per image (None = all). One lesion per frame is the
+    # norm in breast ultrasound, where stray low-contrast blobs are the commonest false positive.
+    max_lesions: PositiveInt | None = None
+    tta: list[Literal["hflip"]] = Field(default_factory=list)  # test-time augmentation, averaged probabilities
 
 
 class BundleConfig(_Section):

@@ -1,0 +1,104 @@
+"""Turn a training run's bundle into a shipped default model (src/mammocad/bundles/<name>/).
+
+The card's validation section is recomputed with the bundle's own post-processing (the same code
+path as `mammocad predict` / `mammocad evaluate`: threshold, minimum area, `max_lesions`, test-time
+flips), on the validation split of the prepared dataset, with 95% bootstrap CIs resampled by patient;
+a Markdown model card (README.md) is written beside the weights. The weights are copied unchanged.
+
+    .venv/bin/python scripts/ship_bundle.py runs/us_lesion_seg/bundle configs/us_lesion_seg.yaml
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from mammocad.datasets.prepared import PreparedDataset
+from mammocad.evaluation.run import evaluate_prepared
+from mammocad.io.atomic import atomic_write_text
+from mammocad.training.card import validation_summary
+from mammocad.training.config import load_config
+
+PACKAGE_BUNDLES = Path(__file__).resolve().parents[1] / "src" / "mammocad" / "bundles"
+
+
+def _fmt(metric: dict | None) -> str:
+    if not metric or metric.get("value") is None:
+        return "n/a"
+    ci = metric.get("ci") or {}
+    if ci.get("low") is None:
+        return f"{metric['value']:.3f}"
+    return f"{metric['value']:.3f} (95% CI {ci['low']:.3f}-{ci['high']:.3f})"
+
+
+def model_card_markdown(card: dict) -> str:
+    v = card["validation"]
+    h = v["headline"]
+    td = card.get("training_data") or {}
+    tr = card.get("training") or {}
+    lines = [
+        f"# {card['name']} {card['version']}", "", card.get("description", ""), "",
+        f"- Task: {card['task']} ({card['modality']}), classes {card['class_names']}, output {card['output']}",
+        f"- Architecture: `{card['architecture']['name']}` {json.dumps(card['architecture'].get('kwargs', {}))}",
+        f"- Reproduces: {card.get('reproduces', '')}",
+        f"- Preprocessing: {json.dumps(card['preprocessing'])}",
+        f"- Post-processing: {json.dumps(card['thresholds'])}; tiling {json.dumps(card['tiling'])}",
+        "", "## Training data and split", "",
+        f"- Prepared dataset: {Path(str(td.get('prepared'))).name} (adapter {td.get('adapter')}, from ../shared/data only); "
+        f"split {td.get('split_method')} seed {td.get('split_seed')}, splits.json sha256 {td.get('splits_sha256')}",
+        f"- Cases/patients per split: {json.dumps(td.get('splits', {}))}",
+        f"- Training: {json.dumps({k: tr.get(k) for k in ('epochs', 'stopped', 'seconds', 'device', 'amp', 'seed', 'patches_per_epoch')})}; "
+        f"stages {json.dumps(tr.get('stages', []))}",
+        "", "## Validation (development validation split, bundle post-processing, 95% bootstrap CI by patient)", "",
+        f"- images {v['n_images']}, patients {v['n_patients']}, counts {json.dumps(v['counts'])}",
+        f"- Dice, lesion images (mean): {_fmt(h.get('dice_lesion_images_mean'))}; max {_fmt(h.get('dice_lesion_images_max'))}",
+        f"- IoU, lesion images (mean): {_fmt(h.get('iou_lesion_images_mean'))}",
+        f"- Dice, all images with a lesion or a prediction (mean): {_fmt(h.get('dice_all_images_mean'))}",
+        f"- mean IoU over classes: {_fmt(h.get('mean_iou'))}; pixel accuracy {_fmt(h.get('pixel_accuracy'))}",
+    ]
+    det = v.get("detection")
+    if det:
+        lines.append(f"- Lesion detection from the segmentation (hit: IoU >= 0.1 or centre inside): sensitivity at 1 "
+                     f"false-positive component per image {_fmt(det.get('sensitivity_at_1fp'))}; "
+                     f"lesions {det.get('n_lesions')}, FROC {json.dumps(det.get('sensitivity_at', {}))}")
+    lines += ["", "## Limitations", ""] + [f"- {x}" for x in card.get("limitations", [])]
+    lines += ["", "The development validation split is small; the CIs say how little a single figure means. "
+              "Judge the model on your own data.", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("config", type=Path)
+    ap.add_argument("--n-boot", type=int, default=2000)
+    args = ap.parse_args()
+    cfg = load_config(args.config)
+    card = json.loads((args.bundle / "model.json").read_text())
+    inf = cfg.inference
+    spec = PreparedDataset(cfg.data.prepared).spec  # the pipeline the training images really went through
+    card["preprocessing"], card["modality"] = spec.model_dump(mode="json"), spec.modality
+    card["thresholds"] = {"probability": inf.threshold, "min_area": inf.min_area, "max_lesions": inf.max_lesions}
+    card["tiling"] = {"tile": inf.tile, "overlap": inf.overlap, "mode": inf.mode, "batch_size": inf.batch_size,
+                      "tta": list(inf.tta)}
+    name = cfg.bundle.name
+    target = PACKAGE_BUNDLES / name
+    target.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(args.bundle / "model.safetensors", target / "model.safetensors")
+    atomic_write_text(target / "model.json", json.dumps(card, indent=2) + "\n")
+    report = evaluate_prepared(target, cfg.data.prepared, split="val", fold=cfg.data.fold,
+                               out_dir=args.bundle.parent / "ship_eval", n_boot=args.n_boot, device="cpu")
+    card["validation"] = validation_summary(report)
+    card["validation_protocol"] = ("bundle post-processing as `mammocad predict`, on the prepared grid of the "
+                                   "validation split; checkpoint chosen on this split (optimistic)")
+    card["weights_sha256"] = hashlib.sha256((target / "model.safetensors").read_bytes()).hexdigest()
+    atomic_write_text(target / "model.json", json.dumps(card, indent=2) + "\n")
+    atomic_write_text(target / "README.md", model_card_markdown(card))
+    print(model_card_markdown(card))
+
+
+if __name__ == "__main__":
+    main()
