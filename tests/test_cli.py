@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -46,3 +47,10 @@ def test_demo_writes_prepared_dataset_and_previews(tmp_path):
     cases = (out / "prepared" / "cases.jsonl").read_text().splitlines()
     assert len(previews) == len(cases) >= 6
     assert (out / "prepared" / "splits.json").is_file()
+    # the default MG model ran on every synthetic DICOM: JSON, mask and overlay per input
+    jsons = [p for p in (out / "predictions").glob("*.json") if p.name != "summary.json"]
+    assert len(jsons) == len(cases)
+    for j in jsons:
+        rec = json.loads(j.read_text())
+        assert rec["model_name"] == "mammo-lesion-seg" and len(rec["image_size"]) == 2
+        assert (out / "predictions" / rec["mask"]).is_file() and (out / "predictions" / rec["overlay"]).is_file()

@@ -1,7 +1,8 @@
 """``mammocad demo``: the whole data path on a synthetic study, with outputs a person can look at.
 
 synthetic MG DICOMs (CBIS-DDSM layout) -> cbis-ddsm adapter -> preprocessing -> prepared dataset
--> patient split -> preview PNGs (prepared image with ground-truth contours) and a printed summary.
+-> patient split -> preview PNGs (prepared image with ground-truth contours) -> the shipped default
+mammography model (`mammo-lesion-seg`) on the synthetic DICOMs, with the `mammocad predict` outputs.
 """
 
 from __future__ import annotations
@@ -25,23 +26,23 @@ def run_demo(out: Path, n: int = 8, seed: int = 0, console: Console | None = Non
     console = console or Console()
     out = Path(out)
     raw = out / "raw"
-    console.print(f"[bold]1/4[/] synthetic study -> {raw}")
+    console.print(f"[bold]1/5[/] synthetic study -> {raw}")
     console.print(write_synthetic_study(raw, n=n, seed=seed, layout="cbis-ddsm"))
 
     prepared_dir = out / "prepared"
-    console.print(f"[bold]2/4[/] prepare (cbis-ddsm adapter, long side 1024, CLAHE) -> {prepared_dir}")
+    console.print(f"[bold]2/5[/] prepare (cbis-ddsm adapter, long side 1024, CLAHE) -> {prepared_dir}")
     spec = PreprocessSpec.from_size_option("1024", clahe=True)
     report = prepare_dataset("cbis-ddsm", raw / "cbis-ddsm", prepared_dir, spec=spec,
                              workers=max(1, min(2, os.cpu_count() or 1)), adapter_options={})
     report.print_summary()
 
-    console.print("[bold]3/4[/] patient-level split")
+    console.print("[bold]3/5[/] patient-level split")
     # A demo study is a handful of patients: half of them for validation, no test split.
     split = make_splits(prepared_dir, val=0.5, test=0.0, seed=seed, official=False)
     split.print_summary()
 
     previews = out / "previews"
-    console.print(f"[bold]4/4[/] preview PNGs -> {previews}")
+    console.print(f"[bold]4/5[/] preview PNGs -> {previews}")
     ds = PreparedDataset(prepared_dir)
     table = Table(title="demo cases")
     for col in ("case", "patient", "side/view", "label", "lesions", "preview"):
@@ -55,4 +56,13 @@ def run_demo(out: Path, n: int = 8, seed: int = 0, console: Console | None = Non
         table.add_row(pc.case.case_id, pc.case.patient_id, f"{pc.case.laterality}/{pc.case.view}", pc.case.label,
                       str(len(pc.case.lesions)), str(path))
     console.print(table)
-    return {"prepared": str(prepared_dir), "previews": str(previews), "n_cases": len(ds.cases)}
+
+    from mammocad.inference.predict_run import predict_files
+
+    predictions = out / "predictions"
+    images = sorted({Path(pc.case.image_path) for pc in ds.cases})
+    console.print(f"[bold]5/5[/] default model on the {len(images)} synthetic DICOMs (chosen by modality) -> {predictions}")
+    report = predict_files(images, predictions)
+    report.print_summary()
+    return {"prepared": str(prepared_dir), "previews": str(previews), "n_cases": len(ds.cases),
+            "predictions": str(predictions), "n_predicted": len(images) - report.n_failed}

@@ -72,6 +72,8 @@ def read_plain_image(path: str | Path) -> LoadedImage:
             arr = tifffile.imread(path)
         except Exception as exc:  # tifffile raises many types
             raise InputError(path, f"unreadable TIFF ({exc})") from None
+        if arr.size == 0:  # tifffile returns an empty array (with a logged warning) for a broken IFD
+            raise InputError(path, "unreadable TIFF (no pixel data)")
     else:
         data = np.fromfile(path, dtype=np.uint8)
         arr = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
