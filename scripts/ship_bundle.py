@@ -18,7 +18,7 @@ from pathlib import Path
 
 from mammocad.datasets.prepared import PreparedDataset
 from mammocad.evaluation.run import evaluate_prepared
-from mammocad.io.atomic import atomic_write_text
+from mammocad.io.atomic import atomic_path, atomic_write_text
 from mammocad.training.card import validation_summary
 from mammocad.training.config import load_config
 
@@ -63,11 +63,23 @@ def model_card_markdown(card: dict) -> str:
     if det:
         lines.append(f"- Lesion detection from the segmentation (hit: IoU >= 0.1 or centre inside): sensitivity at 1 "
                      f"false-positive component per image {_fmt(det.get('sensitivity_at_1fp'))}; "
-                     f"lesions {det.get('n_lesions')}, FROC {json.dumps(det.get('sensitivity_at', {}))}")
+                     f"lesions {det.get('n_lesions')}; FROC operating points {json.dumps(det.get('operating_points', {}))}")
     lines += ["", "## Limitations", ""] + [f"- {x}" for x in card.get("limitations", [])]
     lines += ["", "The development validation split is small; the CIs say how little a single figure means. "
               "Judge the model on your own data.", ""]
     return "\n".join(lines)
+
+
+def _strip_local_paths(card: dict) -> None:
+    """A shipped card names its training data, not this machine's folders (the split file's hash stays)."""
+    td = card.get("training_data") or {}
+    for key in ("prepared", "splits_file"):
+        if td.get(key):
+            td[key] = Path(str(td[key])).name
+    cfg_data = (card.get("config") or {}).get("data") or {}
+    for key in ("prepared", "splits"):
+        if cfg_data.get(key):
+            cfg_data[key] = Path(str(cfg_data[key])).name
 
 
 def main() -> None:
@@ -87,13 +99,15 @@ def main() -> None:
     name = cfg.bundle.name
     target = PACKAGE_BUNDLES / name
     target.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(args.bundle / "model.safetensors", target / "model.safetensors")
+    with atomic_path(target / "model.safetensors") as tmp:
+        shutil.copyfile(args.bundle / "model.safetensors", tmp)
     atomic_write_text(target / "model.json", json.dumps(card, indent=2) + "\n")
     report = evaluate_prepared(target, cfg.data.prepared, split="val", fold=cfg.data.fold,
                                out_dir=args.bundle.parent / "ship_eval", n_boot=args.n_boot, device="cpu")
     card["validation"] = validation_summary(report)
     card["validation_protocol"] = ("bundle post-processing as `mammocad predict`, on the prepared grid of the "
                                    "validation split; checkpoint chosen on this split (optimistic)")
+    _strip_local_paths(card)
     card["weights_sha256"] = hashlib.sha256((target / "model.safetensors").read_bytes()).hexdigest()
     atomic_write_text(target / "model.json", json.dumps(card, indent=2) + "\n")
     atomic_write_text(target / "README.md", model_card_markdown(card))
