@@ -148,5 +148,5 @@ def test_class_folders_without_images_is_an_error(tmp_path):
 def test_missing_folder_and_unknown_option(tmp_path):
     with pytest.raises(InputError, match="folder not found"):
         read_busi(tmp_path / "nope")
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"^busi: unknown option\(s\) masks; the busi adapter takes no options$"):
         read_busi(tmp_path, masks="union")

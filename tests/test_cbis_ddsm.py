@@ -248,6 +248,9 @@ def test_bad_options_are_config_errors(tmp_path):
         read_cbis_ddsm(tmp_path, benign_without_callback="maybe")
     with pytest.raises(ConfigError, match="layout"):
         read_cbis_ddsm(tmp_path, layout="flat")
+    # A misspelt option is refused, not ignored (it used to vanish into **_).
+    with pytest.raises(ConfigError, match=r"cbis-ddsm: unknown option\(s\) benign_without_calback; known: benign_without_callback, csv_dir, layout"):
+        read_cbis_ddsm(tmp_path, benign_without_calback="unknown")
 
 
 def test_malformed_row_skips_its_whole_image(tmp_path, caplog):
@@ -310,8 +313,6 @@ def _write_mask(path: Path, pixels: np.ndarray) -> Path:
 
 @pytest.mark.parametrize("suffix", [".dcm", ".png"])
 def test_missized_roi_mask_is_resized_with_warning_when_rasterized(tmp_path, caplog, suffix):
-    if suffix == ".dcm":
-        pytest.importorskip("mammocad.io.dicom", reason="mammocad.io.dicom (read_dicom) not written yet")
     from mammocad.datasets.rasterize import rasterize_lesion
     from mammocad.records import Lesion
 

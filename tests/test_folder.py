@@ -134,3 +134,34 @@ def test_folder_errors_name_the_file(tmp_path):
     (case,) = read_folder(tmp_path)
     with pytest.raises(AnnotationError, match=r"x_mask\.png: mask size 60x60 does not match image size 80x60"):
         rasterize_lesion(case.lesions[0], (H, W))
+
+
+def test_unreadable_labels_csv_is_an_input_error_naming_it(tmp_path, monkeypatch):
+    from mammocad.datasets import folder
+
+    write(tmp_path / "images" / "x.png", image())
+    (tmp_path / "labels.csv").write_text("image,label\nx.png,benign\n")
+    real_open = open
+
+    def denied(path, *args, **kwargs):  # chmod 000 does not stop root, which the tests may run as
+        if Path(path).name == "labels.csv":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(folder, "open", denied, raising=False)
+    with pytest.raises(InputError, match=r"labels\.csv: cannot read \(Permission denied\)$"):
+        read_folder(tmp_path)
+
+
+def test_float_mask_counts_and_draws_the_same_pixels(tmp_path):
+    import tifffile
+
+    # A float TIFF mask holding 0 / 0.3: a lesion for the adapter AND non-empty when drawn
+    # (the adapter used "!= 0" but rasterize_lesion "> 0.5", which drew nothing).
+    write(tmp_path / "images" / "x.png", image())
+    (tmp_path / "masks").mkdir()
+    tifffile.imwrite(tmp_path / "masks" / "x.tif", mask((10, 20, 10, 30), value=1).astype(np.float32) * np.float32(0.3))
+    (case,) = read_folder(tmp_path)
+    assert case.label == "unknown" and len(case.lesions) == 1
+    drawn = rasterize_lesion(case.lesions[0], (H, W))
+    assert int(drawn.sum()) == 200 and drawn[10:20, 10:30].all()

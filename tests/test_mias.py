@@ -215,5 +215,5 @@ def test_no_image_at_all_is_an_error(tmp_path):
 
 
 def test_unknown_option_rejected(tmp_path):
-    with pytest.raises(ConfigError):
+    with pytest.raises(ConfigError, match=r"^mias: unknown option\(s\) size; the mias adapter takes no options$"):
         read_mias(tmp_path, size="512")

@@ -353,3 +353,69 @@ def test_spec_records_the_modality_the_cases_went_through(tmp_path):
     cv2.imwrite(str(raw / "benign (1)_mask.png"), mask)
     prepare_dataset("busi", tmp_path / "busi", tmp_path / "out", workers=1, progress=False)
     assert PreparedDataset(tmp_path / "out").spec.modality == "US"
+
+
+class _InProcessPool:
+    """Stands in for ProcessPoolExecutor: records its arguments, runs the initializer and the jobs here."""
+
+    created: list[dict] = []
+
+    def __init__(self, **kwargs):
+        _InProcessPool.created.append(kwargs)
+        kwargs["initializer"]()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, fn, *args):
+        from concurrent.futures import Future
+
+        fut = Future()
+        fut.set_result(fn(*args))
+        return fut
+
+    def shutdown(self, **kw):
+        pass
+
+
+def test_worker_pool_limits_opencv_to_one_thread_per_worker(tmp_path, monkeypatch):
+    from mammocad.datasets import prepare_run
+
+    before = cv2.getNumThreads()
+    cv2.setNumThreads(4)  # what a 4-core machine gives each worker by default
+    _InProcessPool.created.clear()
+    monkeypatch.setattr(prepare_run, "ProcessPoolExecutor", _InProcessPool)
+    try:
+        report = prepare_and_check(make_folder_dataset(tmp_path / "raw"), tmp_path / "out", workers=2)
+        threads_in_worker = cv2.getNumThreads()
+    finally:
+        cv2.setNumThreads(before)
+    assert (report.n_done, report.n_failed) == (4, 0)
+    assert len(_InProcessPool.created) == 1 and _InProcessPool.created[0]["max_workers"] == 2
+    assert _InProcessPool.created[0]["initializer"] is prepare_run._init_worker
+    assert threads_in_worker == 1
+
+
+def _worker_state(case, out_dir: str) -> tuple[int, list[str], str]:
+    """Runs in a spawned worker: prepare one case, then report OpenCV's threads and any torch import."""
+    from mammocad.datasets.prepare_run import prepare_case
+
+    status, _ = prepare_case(case, out_dir, SPEC)
+    return cv2.getNumThreads(), sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")), status
+
+
+@pytest.mark.slow
+def test_spawned_worker_runs_one_opencv_thread_and_never_imports_torch(tmp_path):
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mammocad.datasets.folder import read_folder
+    from mammocad.datasets.prepare_run import _init_worker
+
+    case = read_folder(make_folder_dataset(tmp_path / "raw"))[0]
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker) as pool:
+        threads, torch_modules, status = pool.submit(_worker_state, case, str(tmp_path / "out")).result(timeout=120)
+    assert (threads, torch_modules, status) == (1, [], "done")

@@ -397,8 +397,9 @@ def test_real_ge_mammogram_raw_pixels():
 
 @pytest.mark.realdata
 def test_real_ge_mammogram_via_read_dicom():
-    dicom = pytest.importorskip("mammocad.io.dicom", reason="mammocad.io.dicom is not written yet")
+    from mammocad.io.dicom import read_dicom
+
     path = shared_path("dicom", "fo-dicom", "GH133.dcm")
-    image = dicom.read_dicom(path)
+    image = read_dicom(path)
     res = preprocess_image(image, PreprocessSpec(), laterality=image.meta.get("laterality"))
     _check_gh133(image, res)

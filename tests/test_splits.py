@@ -103,7 +103,7 @@ def test_same_seed_same_file_other_seed_other_split(tmp_path):
 def test_kfold_every_case_is_val_exactly_once(tmp_path):
     cases = synthetic_cases(50, seed=2)
     root = write_records(tmp_path / "prep", cases)
-    data = make_splits(root, folds=5, seed=1).data
+    data = make_splits(root, folds=5, test=0, seed=1).data
     assert data["method"] == "kfold" and len(data["folds"]) == 5
     all_ids = sorted(c.case_id for c in cases)
     val_counts = Counter(cid for f in data["folds"] for cid in f["val"])
@@ -114,6 +114,34 @@ def test_kfold_every_case_is_val_exactly_once(tmp_path):
         assert sorted(fold["train"] + fold["val"]) == all_ids
         assert not {pid[c] for c in fold["train"]} & {pid[c] for c in fold["val"]}
         assert data["counts"][k]["val"]["patients"] == 10
+    assert audit_splits(root).ok
+
+
+def test_kfold_carves_the_test_patients_off_first(tmp_path):
+    cases = synthetic_cases(200, seed=5)
+    root = write_records(tmp_path / "prep", cases)
+    data = make_splits(root, folds=4, test=0.2, seed=2).data
+    assert data["method"] == "kfold" and len(data["folds"]) == 4
+    assert data["parameters"]["test"] == 0.2 and data["parameters"]["folds"] == 4 and data["parameters"]["val"] is None
+    test = data["folds"][0]["test"]
+    assert all(f["test"] == test for f in data["folds"])  # the same held-out test set in every fold
+    pid = {c.case_id: c.patient_id for c in cases}
+    test_patients = {pid[c] for c in test}
+    assert len(test_patients) == 40  # 20% of 200 patients
+    all_ids = sorted(c.case_id for c in cases)
+    rest = sorted(set(all_ids) - set(test))
+    val_counts = Counter(cid for f in data["folds"] for cid in f["val"])
+    assert sorted(val_counts) == rest and set(val_counts.values()) == {1}  # k folds over the rest only
+    for k, fold in enumerate(data["folds"]):
+        assert sorted(fold["train"] + fold["val"] + fold["test"]) == all_ids
+        assert not {pid[c] for c in fold["train"] + fold["val"]} & test_patients
+        assert data["counts"][k]["test"]["patients"] == 40 and data["counts"][k]["val"]["patients"] == 40
+    plabels = patient_labels(cases)
+    overall, in_test = Counter(plabels.values()), Counter(plabels[p] for p in test_patients)
+    for lab in LABELS:  # stratified by patient label
+        assert in_test[lab] / 40 == pytest.approx(overall[lab] / 200, abs=0.03), lab
+    again = make_splits(root, folds=4, test=0.2, seed=2, out=tmp_path / "again.json").data
+    assert again["folds"] == data["folds"]  # seeded
     assert audit_splits(root).ok
 
 

@@ -210,3 +210,20 @@ def test_via_polygons_traced_from_real_busi_masks(tmp_path):
         iou = (drawn & mask).sum() / (drawn | mask).sum()
         assert iou >= 0.95, (case.case_id, iou)
     assert mask.sum() == 90995  # malignant (1): lesion pixels as listed in busi/images.csv
+
+
+def test_adapters_share_the_helpers_of_datasets_common():
+    from mammocad.datasets import busi, cbis_ddsm, coco, common, folder, mias, via
+
+    for module, names in ((via, ("check_options", "pathology_from_word", "image_label_from_word", "kind_from_word",
+                                 "load_json", "find_json", "parse_modality", "resolve_dir", "unique_case_id", "inherit_pathology")),
+                          (coco, ("check_options", "find_json", "kind_from_word", "load_json", "parse_modality",
+                                  "pathology_from_word", "resolve_dir", "unique_case_id")),
+                          (folder, ("check_options", "image_label_from_word", "inherit_pathology", "parse_modality", "pathology_from_word")),
+                          (cbis_ddsm, ("check_options",)), (mias, ("check_options",)), (busi, ("check_options",))):
+        for name in names:
+            assert getattr(module, name) is getattr(common, name), (module.__name__, name)
+    with pytest.raises(ConfigError, match=r"^x: unknown option\(s\) b; known: a, c$"):
+        common.check_options("x", {"a": 1, "b": 2}, iter(("c", "a")))
+    with pytest.raises(ConfigError, match=r"^x: unknown option\(s\) b; the x adapter takes no options$"):
+        common.check_options("x", {"b": 2}, ())

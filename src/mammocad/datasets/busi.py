@@ -18,11 +18,10 @@ import logging
 import re
 from pathlib import Path
 
-import numpy as np
-
+from mammocad.datasets.common import check_options
+from mammocad.datasets.rasterize import read_mask
 from mammocad.datasets.registry import register_adapter
-from mammocad.errors import ConfigError, InputError, MammocadError
-from mammocad.io.images import read_image
+from mammocad.errors import InputError, MammocadError
 from mammocad.records import Case, Lesion
 
 log = logging.getLogger(__name__)
@@ -74,7 +73,7 @@ def _scan_class_dir(folder: Path, cls: str) -> tuple[dict[int, Path], dict[int, 
 
 
 def _mask_is_empty(path: Path) -> bool:
-    return not bool(np.any(read_image(path).pixels))
+    return not bool(read_mask(path).any())
 
 
 def _case(cls: str, k: int, image: Path, mask_files: list[tuple[int, Path]]) -> Case | None:
@@ -112,8 +111,7 @@ def _case(cls: str, k: int, image: Path, mask_files: list[tuple[int, Path]]) -> 
 @register_adapter("busi")
 def read_busi(raw_dir: Path, **options: str) -> list[Case]:
     """Cases of a BUSI folder (class folders matched case-insensitively), ordered by class then k."""
-    if options:
-        raise ConfigError(", ".join(sorted(options)), "the busi adapter takes no options")
+    check_options("busi", options, ())
     raw_dir = Path(raw_dir)
     cases: list[Case] = []
     for cls, folder in find_class_dirs(raw_dir).items():

@@ -33,8 +33,10 @@ from typing import Any
 import numpy as np
 import pydicom
 
+from mammocad.datasets.common import check_options
+from mammocad.datasets.rasterize import read_mask_values
 from mammocad.datasets.registry import register_adapter
-from mammocad.errors import AnnotationError, ConfigError, InputError
+from mammocad.errors import AnnotationError, ConfigError, InputError, MammocadError
 from mammocad.records import Case, Lesion, label_from_lesions
 
 log = logging.getLogger(__name__)
@@ -326,9 +328,10 @@ def _rows_cols(path: Path) -> tuple[int, int] | None:
 
 
 def _is_binary(path: Path) -> bool:
+    """Two stored values only (read_mask_values: a DICOM's stored pixels, no VOI or inversion)."""
     try:
-        pixels = pydicom.dcmread(path, force=True).pixel_array
-    except Exception:
+        pixels = read_mask_values(path)
+    except MammocadError:
         return False
     lo, hi = pixels.min(), pixels.max()
     return bool(hi > lo and not np.any((pixels != lo) & (pixels != hi)))
@@ -392,14 +395,16 @@ def read_cbis_ddsm(
     csv_dir: Path | str | None = None,
     benign_without_callback: str = "benign",
     layout: str = "auto",
-    **_: Any,
+    **unknown: Any,
 ) -> list[Case]:
     """Cases of a CBIS-DDSM download: CSVs in ``csv_dir`` (default ``raw_dir``), DICOMs under ``raw_dir``.
 
     ``benign_without_callback``: benign (default) | unknown | malignant, the pathology given to
     BENIGN_WITHOUT_CALLBACK rows. ``layout``: auto | csv | nbia (see the module docstring).
-    Images missing on disk are skipped with a warning; InputError when none is found.
+    Images missing on disk are skipped with a warning; InputError when none is found. Any other
+    option is a ConfigError (a typo must not be ignored).
     """
+    check_options(DATASET, unknown, ("csv_dir", "benign_without_callback", "layout"))
     raw_dir = Path(raw_dir)
     layout = str(layout).strip().lower()
     if layout not in LAYOUTS:

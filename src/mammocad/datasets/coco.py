@@ -25,8 +25,7 @@ from typing import Any
 import cv2
 import numpy as np
 
-from mammocad.datasets.registry import register_adapter
-from mammocad.datasets.via import (
+from mammocad.datasets.common import (
     check_options,
     find_json,
     kind_from_word,
@@ -36,6 +35,7 @@ from mammocad.datasets.via import (
     resolve_dir,
     unique_case_id,
 )
+from mammocad.datasets.registry import register_adapter
 from mammocad.errors import AnnotationError
 from mammocad.records import Case, Lesion, label_from_lesions
 

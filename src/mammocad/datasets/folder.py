@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
+from mammocad.datasets.common import check_options, image_label_from_word, inherit_pathology, parse_modality, pathology_from_word
+from mammocad.datasets.rasterize import read_mask, read_mask_values
 from mammocad.datasets.registry import register_adapter
-from mammocad.datasets.via import check_options, image_label_from_word, inherit_pathology, parse_modality, pathology_from_word
 from mammocad.errors import AnnotationError, ConfigError, InputError, MammocadError
-from mammocad.io.images import read_image
 from mammocad.records import Case, Lesion, label_from_lesions
 
 log = logging.getLogger(__name__)
@@ -94,6 +94,8 @@ def _read_labels(csv_path: Path, images: dict[str, Path]) -> dict[str, dict[str,
         raise AnnotationError(csv_path, f"not UTF-8 text ({exc.reason})") from None
     except csv.Error as exc:
         raise AnnotationError(csv_path, f"malformed CSV ({exc})") from None
+    except OSError as exc:  # permission denied, a folder named labels.csv, an I/O error
+        raise InputError(csv_path, f"cannot read ({exc.strerror or exc})") from None
     by_stem: dict[str, dict[str, str]] = {}
     for line, row in enumerate(rows, start=2):
         values = {key: (row.get(columns[key]) or "").strip() for key in CSV_COLUMNS if key in columns}
@@ -110,19 +112,22 @@ def _read_labels(csv_path: Path, images: dict[str, Path]) -> dict[str, dict[str,
 
 
 def _lesions_from_masks(mask_paths: list[Path], instances: bool) -> tuple[list[Lesion], int]:
-    """(lesions, number of empty mask files)."""
+    """(lesions, number of empty mask files). Masks are judged on their stored values (a DICOM
+    mask is not windowed or inverted), as ``rasterize_lesion`` draws them."""
     lesions, empty = [], 0
     for path in mask_paths:
-        pixels = read_image(path).pixels
-        values = np.unique(pixels)
-        values = values[values != 0]
+        if not instances:
+            if read_mask(path).any():
+                lesions.append(Lesion(mask_path=str(path), attributes={"mask_file": path.name}))
+            else:
+                empty += 1
+            continue
+        values = np.unique(read_mask_values(path))
+        values = values[values > 0]  # the pixels read_mask counts as lesion
         if values.size == 0:
             empty += 1
-        elif instances:
-            for value in values.tolist():
-                lesions.append(Lesion(mask_path=str(path), attributes={"label_value": value, "mask_file": path.name}))
-        else:
-            lesions.append(Lesion(mask_path=str(path), attributes={"mask_file": path.name}))
+        for value in values.tolist():
+            lesions.append(Lesion(mask_path=str(path), attributes={"label_value": value, "mask_file": path.name}))
     return lesions, empty
 
 

@@ -25,8 +25,9 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from mammocad.datasets.common import check_options
 from mammocad.datasets.registry import register_adapter
-from mammocad.errors import AnnotationError, ConfigError, InputError
+from mammocad.errors import AnnotationError, InputError
 from mammocad.records import Case, Lesion, label_from_lesions
 
 log = logging.getLogger(__name__)
@@ -205,8 +206,7 @@ def read_mias(raw_dir: Path, **options: str) -> list[Case]:
     Patients are film pairs (mdb001+mdb002 = ``mias_p001``); per the MIAS README even-numbered films
     are left breasts and odd-numbered right ones. All films are MLO.
     """
-    if options:
-        raise ConfigError(", ".join(sorted(options)), "the mias adapter takes no options")
+    check_options("mias", options, ())
     raw_dir = Path(raw_dir)
     info = find_info_txt(raw_dir)
     films = _group_by_film(parse_info_txt(info), info)

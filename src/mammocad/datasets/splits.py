@@ -10,8 +10,9 @@ grouped by PATIENT, always::
      "dropped": {"patients": [...], "reason": ...}, "crossing_patients": [...],
      "counts": [{"train": {"cases", "patients", "labels"}, ...} per fold], "notes": [...]}
 
-Fractions give one fold; k folds give k entries (val = fold k, test empty; with ``official`` the
-official test set in every fold). A patient's label is the worst label of its images
+Fractions give one fold; k folds give k entries: the ``test`` fraction of the patients is carved
+off first (stratified, seeded; with ``official`` the official test set instead), then the other
+patients are cut into k folds (val = fold k); every entry lists the same test set. A patient's label is the worst label of its images
 (malignant > benign > unknown > normal) and the split is made on the list of patients with
 scikit-learn (``train_test_split(stratify=...)``, ``StratifiedKFold``): one row per patient makes
 grouping exact and stratifies by the patient label, which ``StratifiedGroupKFold`` only
@@ -167,6 +168,10 @@ def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15,
         return sorted(cid for p in pats for cid in by_patient[p])
 
     if folds:
+        if not official:  # the held-out test patients first, then k folds over the rest
+            patients, test_pats = _carve(patients, labels, test, seed, "test", notes, ds.root)
+            labels = [plabels[p] for p in patients]
+            fixed_test = ids(test_pats)
         val_parts = _kfold(patients, labels, folds, seed, notes, ds.root)
         fold_list = [{"train": ids(sorted(set(patients) - set(part))), "val": ids(part), "test": fixed_test}
                      for part in val_parts]
@@ -181,7 +186,7 @@ def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15,
     by_id = {c.case_id: c for c in cases}
     data = {
         "version": 1, "seed": seed, "method": method, "group_by": "patient", "stratify_by": "label",
-        "parameters": {"val": val, "test": None if official else test, "folds": folds, "official": official,
+        "parameters": {"val": None if folds else val, "test": None if official else test, "folds": folds, "official": official,
                        "drop_crossing": drop_crossing},
         "folds": fold_list, "dropped": dropped, "crossing_patients": crossing,
         "counts": [_counts(f, by_id) for f in fold_list], "notes": notes,
