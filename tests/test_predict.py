@@ -286,3 +286,46 @@ def test_max_lesions_keeps_the_highest_scoring_components_and_tta_averages_flips
     card_path.write_text(json.dumps(card))
     with pytest.raises(Exception, match="tta"):
         Predictor(bundle)
+
+
+def test_any_error_of_one_input_is_reported_and_the_batch_goes_on(tmp_path, bundle, capsys):
+    """An out-of-memory, OpenCV or numpy error on one input is that input's failure (one line); only
+    Ctrl-C (KeyboardInterrupt) ends the batch."""
+    names = ["a", "oom", "cv", "value", "z"]
+    files = [write_png8(tmp_path / "in" / f"{n}.png", breast_image()) for n in names]
+    errors = {"oom": torch.OutOfMemoryError("CUDA out of memory.\nTried to allocate 2.00 GiB"),
+              "cv": cv2.error("OpenCV(5.0) resize.cpp:4155: error: (-215:Assertion failed) !ssize.empty()"),
+              "value": ValueError("operands could not be broadcast together")}
+    real = Predictor(bundle, autocast="fp32")
+
+    class Failing:
+        voi = real.voi
+
+        def __init__(self, error_for):
+            self.error_for = error_for
+
+        def predict_image(self, image):
+            stem = Path(image.path).stem
+            if stem in self.error_for:
+                raise self.error_for[stem]
+            return real.predict_image(image)
+
+    report = predict_files(files, tmp_path / "out", model=bundle, progress=False,
+                           load_predictor=lambda name: Failing(errors))
+    assert (report.n_done, report.n_failed) == (2, 3)
+    err = capsys.readouterr().err
+    expected = {"oom": "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB",
+                "cv": "error: OpenCV(5.0) resize.cpp:4155: error: (-215:Assertion failed) !ssize.empty()",
+                "value": "ValueError: operands could not be broadcast together"}
+    for f in files[1:4]:
+        line = f"{f}: {expected[f.stem]}"
+        assert {"input": str(f), "error": line} in report.failures
+        assert f"mammocad: {line}\n" in err
+    assert "Traceback" not in err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["predicted"], summary["failed"]) == (2, 3)
+
+    with pytest.raises(KeyboardInterrupt):  # Ctrl-C stops the run, it is not one input's failure
+        predict_files(files, tmp_path / "out2", model=bundle, progress=False,
+                      load_predictor=lambda name: Failing({"a": KeyboardInterrupt()}))
+    assert not (tmp_path / "out2" / "z.json").exists()

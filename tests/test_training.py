@@ -22,6 +22,7 @@ from mammocad.models.bundle import list_bundles, load_bundle, save_bundle
 from mammocad.training import builders as B
 from mammocad.training.checkpoint import join_optimizer_state, split_optimizer_state
 from mammocad.training.config import load_config, parse_config
+from mammocad.training.distributed import pick_device
 from mammocad.training.engine import train
 
 from tiny_prepared import TRAIN_IDS, VAL_IDS, make_tiny_prepared, write_config
@@ -195,7 +196,7 @@ def test_training_writes_logs_curves_and_a_model_card(workdir, trained):
     card = json.loads((run / "bundle" / "model.json").read_text())
     assert card["architecture"] == {"name": "unet", "kwargs": {"base_channels": 4, "depth": 2, "num_classes": 1}}
     assert card["class_names"] == ["background", "lesion"] and card["output"] == "sigmoid"
-    assert card["thresholds"] == {"probability": 0.5, "min_area": 0}
+    assert card["thresholds"] == {"probability": 0.5, "min_area": 0, "max_lesions": None}
     assert card["tiling"]["tile"] == 32 and card["preprocessing"]["long_side"] == 64
     data = card["training_data"]
     assert data["adapter"] == "folder" and data["fold"] == 0
@@ -249,7 +250,7 @@ def test_bundle_errors_and_names(tmp_path):
     (tmp_path / "c" / "model.json").write_text(json.dumps(card))
     with pytest.raises(InputError, match="do not fit the card's architecture"):
         load_bundle(tmp_path / "c")
-    assert isinstance(list_bundles(), list)
+    assert "us-lesion-seg" in list_bundles()  # shipped in src/mammocad/bundles
 
 
 def test_resume_continues_at_the_right_epoch_and_reproduces_the_weights(workdir, trained):
@@ -327,3 +328,100 @@ def test_init_from_a_bundle_and_time_budget(workdir, trained):
     spent = train(load_config(write_config(workdir, "budget.yaml", train={"max_minutes": 1e-4, "tensorboard": False})),
                   workdir / "run_budget", progress=False)
     assert spent.stopped == "time_budget" and spent.epochs == 0 and spent.bundle_dir is None
+
+
+# ---- fixed weights, devices, validation = evaluation ---------------------------------------------
+def test_apply_stage_never_trains_fixed_weights(workdir, tmp_path):
+    """FCN's fixed bilinear upsampling (and the x2 layers with learnable_upsample: false) must stay out
+    of the optimizer, so neither gradients nor weight decay change it; parameters a model declares
+    fixed stay frozen through every stage."""
+    kwargs = {"width_mult": 0.0625, "fc_channels": 8, "fc_kernel": 3, "dropout": 0.0, "learnable_upsample": False}
+    cfg = load_config(write_config(workdir, "fcn8_fixed.yaml", model={"name": "fcn8", "kwargs": kwargs},
+                                   optim={"weight_decay": 0.5}))
+    model = B.build_base_model(cfg)
+    B.apply_stage(cfg, model, cfg.stage_list()[0])
+    opt = B.build_optimizer(cfg.optim, model)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    names = {n for n, p in model.named_parameters() if id(p) in in_opt}
+    assert names and not [n for n in names if "upscore" in n]
+    before = {k: v.clone() for k, v in model.state_dict().items() if "upscore" in k}
+    assert set(before) == {"upscore2.deconv.weight", "upscore_pool4.deconv.weight", "upscore8.deconv.weight"}
+    x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
+    model.train()
+    model(x).square().mean().backward()
+    opt.step()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
+    # the kernels are in the state dict, so a bundle round-trips them through the card's architecture
+    save_bundle(tmp_path / "fcn8", model.eval(), {"name": "fcn8-fixed"})
+    loaded, _ = load_bundle(tmp_path / "fcn8")
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model(x))
+
+    declared = create_model("shallow_cnn", channels=4, num_layers=2)
+    declared.fixed_parameters = ("head",)
+    declared.head.requires_grad_(False)
+    B.apply_stage(cfg, declared, cfg.stage_list()[0])  # starts by making every parameter trainable
+    assert {n for n, p in declared.named_parameters() if not p.requires_grad} == {"head.weight", "head.bias"}
+
+
+@pytest.mark.parametrize("where", ["training", "prediction"])
+def test_training_and_prediction_resolve_devices_alike(where):
+    from mammocad.inference.predictor import resolve_device
+
+    resolve = pick_device if where == "training" else resolve_device
+    assert resolve("cpu") == torch.device("cpu")
+    assert resolve("auto") == (torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu"))
+    for bad in ("gpu", "cuda:x", "cuda:-1", "cuda1", "cpu:cuda", ""):
+        with pytest.raises(ConfigError, match=r"--device: must be auto, cpu, cuda or cuda:N"):
+            resolve(bad)
+    if not torch.cuda.is_available():  # cuda:N is well formed: refused only because there is no GPU
+        for choice in ("cuda", "cuda:0", "cuda:1"):
+            with pytest.raises(ConfigError, match=rf"--device: {choice} requested but no CUDA device is available"):
+                resolve(choice)
+    else:
+        n = torch.cuda.device_count()
+        assert resolve("cuda") == torch.device("cuda", 0) and resolve(f"CUDA:{n - 1}") == torch.device("cuda", n - 1)
+        with pytest.raises(ConfigError, match=rf"cuda:{n} requested but this machine has {n} CUDA device"):
+            resolve(f"cuda:{n}")
+
+
+def test_validation_scores_what_evaluate_scores_for_the_bundle(workdir, trained):
+    """Training-time validation (early stopping, the card's figures) goes through the bundle's own
+    post-processing: same Dice as ``evaluate_prepared`` on the bundle the config produces. Model: the
+    lesion probability is sigmoid(60 (pixel - 0.52)) (logreg on its intensity feature); on the val
+    lesion image some tissue pixels pass 0.52, so min_area / max_lesions matter."""
+    from mammocad.datasets.prepared import PreparedDataset
+    from mammocad.evaluation.run import evaluate_prepared
+    from mammocad.training.card import build_card
+    from mammocad.training.validate import validate_images
+
+    model = create_model("logreg", num_classes=1, scales=[1.0])
+    with torch.no_grad():
+        model.classifier.weight.zero_()
+        model.classifier.weight[0, 0] = 60.0
+        model.classifier.bias.fill_(-60.0 * 0.52)
+    plain = load_config(write_config(workdir, "val_plain.yaml"))
+    post = load_config(write_config(workdir, "val_post.yaml", inference={"tile": 32, "overlap": 0.25, "batch_size": 4,
+                                                                          "min_area": 10, "max_lesions": 1,
+                                                                          "tta": ["hflip"]}))
+    prepared = PreparedDataset(post.data.prepared)
+    samples, labels = B.load_split(post, prepared, "val")
+    scores = {}
+    for cfg in (plain, post):
+        val = validate_images(model, samples, labels, cfg.data.class_names, cfg.inference, amp_dtype=None)
+        card = {**build_card(cfg, prepared, report=None, training={}), "architecture": model.mammocad_config}
+        report = evaluate_prepared((model, card), cfg.data.prepared, split="val", autocast="fp32", n_boot=0,
+                                   progress=False)
+        assert report.n_images == len(samples) == 2
+        for key, metric in report.headline.items():
+            assert val.report.headline[key].value == pytest.approx(metric.value, abs=1e-12, nan_ok=True), key
+        scores[cfg.source] = val.dice
+    # the post-processing changes the score, so validating without it (as before) would disagree
+    assert scores[post.source] > scores[plain.source] + 0.1
+    # end to end: the card's validation figures are what `mammocad evaluate` reports for the bundle
+    _, result = trained
+    card = json.loads((result.bundle_dir / "model.json").read_text())
+    report = evaluate_prepared(result.bundle_dir, prepared.root, split="val", autocast="fp32", n_boot=0, progress=False)
+    for key, metric in report.headline.items():
+        assert card["validation"]["headline"][key]["value"] == pytest.approx(metric.value, abs=1e-12, nan_ok=True), key

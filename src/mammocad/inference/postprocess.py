@@ -146,6 +146,20 @@ def _classify(prob: np.ndarray, class_names: tuple[str, ...], window: tuple[slic
             "class_probabilities": {n: float(m) for n, m in zip(names, means)}}
 
 
+def lesion_label_map(components: list[LesionComponent], shape: tuple[int, int], class_names: tuple[str, ...] | list[str],
+                     ) -> np.ndarray:
+    """uint8 label map of ``shape``: 0 = background, each component painted with the index of its
+    class in ``class_names`` (background first; a label not in it, e.g. "lesion" against a
+    benign/malignant list, counts as class 1). The label map evaluation and validation score."""
+    names = list(class_names)
+    out = np.zeros(tuple(shape), dtype=np.uint8)
+    for comp in components:
+        if comp.mask.image_size != tuple(shape):
+            raise InputError("lesions", f"component mask on a {comp.mask.image_size} grid, label map is {tuple(shape)}")
+        comp.mask.paste_into(out, names.index(comp.label) if comp.label in names else 1)
+    return out
+
+
 def _label_map(components: list[LesionComponent], size: tuple[int, int]) -> np.ndarray:
     labels = np.zeros(size, dtype=np.int32)
     for k, comp in enumerate(components, start=1):

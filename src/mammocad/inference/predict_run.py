@@ -347,8 +347,10 @@ def predict_files(inputs: Sequence[str | Path], out_dir: str | Path, model: str 
                     status = "predicted"
             except MammocadError as err:
                 fail(path, err)
-            except (OSError, MemoryError) as err:  # one unreadable file or one huge image must not end the batch
-                fail(path, InputError(path, f"{type(err).__name__}: {err}"))
+            except Exception as err:  # noqa: BLE001 - one bad input (unreadable, huge: OOM, cv2.error, ...)
+                # must not end the batch; Ctrl-C (KeyboardInterrupt is no Exception) still stops it.
+                detail = " ".join(str(err).split())  # torch / OpenCV messages span lines: keep one
+                fail(path, InputError(path, f"{type(err).__name__}: {detail}" if detail else type(err).__name__))
             else:
                 report.n_lesions += len(record["lesions"])
                 name = str(record.get("model_name"))

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from mammocad.devices import resolve_device
 from mammocad.errors import ConfigError
-from mammocad.inference.postprocess import CroppedMask
+from mammocad.inference.postprocess import CroppedMask, LesionComponent, lesion_label_map
 from mammocad.io.images import LoadedImage, read_image
 from mammocad.preprocess.pipeline import PreprocessSpec
 from mammocad.records import Prediction
@@ -33,13 +34,14 @@ class ImagePrediction(NamedTuple):
     lesion_masks: list[CroppedMask]
 
 
-@dataclass(frozen=True)
-class BundleSettings:
-    """What inference needs from a model card, checked once."""
+@dataclass(frozen=True, kw_only=True)
+class InferenceSettings:
+    """Tiling and post-processing: what turns a model's output into lesions and a label map. One
+    definition for ``Predictor`` (read from a model card) and for validation during training (read
+    from the config's ``inference`` section, which becomes the card), so the validation Dice that
+    drives early stopping and goes into the card is the Dice of what the bundle will predict."""
 
-    name: str
-    version: str
-    spec: PreprocessSpec
+    name: str = "model"  # for error messages
     class_names: tuple[str, ...]  # label-map classes, background first ("background", "lesion")
     threshold: float
     min_area: int
@@ -49,6 +51,33 @@ class BundleSettings:
     batch_size: int
     max_lesions: int | None = None  # keep the k highest-scoring components (None = all)
     tta: tuple[str, ...] = ()  # test-time augmentations whose probabilities are averaged ("hflip")
+
+    @classmethod
+    def from_config(cls, inference: Any, class_names: Sequence[str], name: str = "model") -> "InferenceSettings":
+        """From a training config's ``inference`` section (``InferenceConfig``, already validated)."""
+        return cls(name=name, class_names=tuple(str(c) for c in class_names), threshold=float(inference.threshold),
+                   min_area=int(inference.min_area), tile=int(inference.tile), overlap=float(inference.overlap),
+                   mode=str(inference.mode), batch_size=int(inference.batch_size),
+                   max_lesions=None if inference.max_lesions is None else int(inference.max_lesions),
+                   tta=tuple(str(t) for t in inference.tta))
+
+    def channel_names(self, n_channels: int) -> tuple[str, ...]:
+        """Names of the model's output channels: one sigmoid channel is the lesion class; softmax
+        channels are the classes, background first."""
+        if n_channels == 1 and len(self.class_names) == 2:
+            return self.class_names[1:]
+        if n_channels == len(self.class_names):
+            return self.class_names
+        raise ConfigError(self.name, f"model has {n_channels} output channel(s) but the card names classes {list(self.class_names)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class BundleSettings(InferenceSettings):
+    """What inference needs from a model card, checked once."""
+
+    name: str
+    version: str
+    spec: PreprocessSpec
 
     @classmethod
     def from_card(cls, card: dict[str, Any], source: str | Path) -> "BundleSettings":
@@ -76,23 +105,50 @@ class BundleSettings:
                                       f"got {list(names)} and {settings.threshold}")
         return settings
 
-    def channel_names(self, n_channels: int) -> tuple[str, ...]:
-        """Names of the model's output channels: one sigmoid channel is the lesion class; softmax
-        channels are the classes, background first."""
-        if n_channels == 1 and len(self.class_names) == 2:
-            return self.class_names[1:]
-        if n_channels == len(self.class_names):
-            return self.class_names
-        raise ConfigError(self.name, f"model has {n_channels} output channel(s) but the card names classes {list(self.class_names)}")
+
+def tiled_probabilities(model: nn.Module, pixels: np.ndarray, breast_mask: np.ndarray | None, settings: InferenceSettings,
+                        *, batch_size: int | None = None, autocast: str = "auto", device: torch.device | None = None,
+                        num_threads: int | None = None) -> np.ndarray:
+    """(C, H, W) probabilities of a preprocessed image: ``settings``' tiling, then its test-time
+    augmentation (``hflip``: averaged with the mirrored image's prediction, mirrored back)."""
+    from mammocad.inference.tiling import predict_tiled
+
+    s = settings
+
+    def run(img: np.ndarray, breast: np.ndarray | None) -> np.ndarray:
+        return predict_tiled(model, img, tile=s.tile, overlap=s.overlap, batch_size=int(batch_size or s.batch_size),
+                             breast_mask=breast, mode=s.mode, autocast=autocast, device=device, num_threads=num_threads)
+
+    probs = run(pixels, breast_mask)
+    if "hflip" in s.tta:
+        flipped = run(np.ascontiguousarray(pixels[:, ::-1]),
+                      None if breast_mask is None else np.ascontiguousarray(breast_mask[:, ::-1]))
+        probs = 0.5 * (probs + flipped[:, :, ::-1])
+    return probs
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError("--device", f"unknown device {device!r} (auto, cpu, cuda, cuda:1, ...)") from None
+def find_lesions(probs: np.ndarray, breast_mask: np.ndarray | None, settings: InferenceSettings,
+                 channel_names: tuple[str, ...]) -> list[LesionComponent]:
+    """Lesion components on the grid of ``probs``: ``settings``' threshold and minimum area inside
+    the breast, then its ``max_lesions`` highest-scoring ones."""
+    from mammocad.inference.postprocess import probability_to_lesions
+
+    s = settings
+    found = probability_to_lesions(probs, threshold=s.threshold, min_area=s.min_area, class_names=channel_names,
+                                   breast_mask=breast_mask)
+    if s.max_lesions is not None:
+        found = sorted(found, key=lambda c: -c.score)[:s.max_lesions]
+    return found
+
+
+def predict_label_map(model: nn.Module, pixels: np.ndarray, breast_mask: np.ndarray | None, settings: InferenceSettings,
+                      *, autocast: str = "auto") -> tuple[np.ndarray, list[LesionComponent]]:
+    """(uint8 label map over ``settings.class_names``, lesions) of a preprocessed image, exactly as a
+    bundle with these settings predicts it (``tiled_probabilities`` -> ``find_lesions`` ->
+    ``lesion_label_map``); what training-time validation scores."""
+    probs = tiled_probabilities(model, pixels, breast_mask, settings, autocast=autocast)
+    found = find_lesions(probs, breast_mask, settings, settings.channel_names(int(model.num_classes)))
+    return lesion_label_map(found, probs.shape[1:], settings.class_names), found
 
 
 def _output_channels(model: nn.Module, settings: BundleSettings) -> int:
@@ -139,33 +195,17 @@ class Predictor:
         return self.settings.spec.modality
 
     def probabilities(self, pixels: np.ndarray, breast_mask: np.ndarray | None) -> np.ndarray:
-        """(C, H, W) probabilities of a preprocessed image (the bundle's tiling and autocast)."""
-        from mammocad.inference.tiling import predict_tiled
+        """(C, H, W) probabilities of a preprocessed image (the bundle's tiling, TTA and autocast)."""
+        return tiled_probabilities(self.model, pixels, breast_mask, self.settings, batch_size=self.batch_size,
+                                   autocast=self.autocast, device=self.device, num_threads=self.num_threads)
 
-        s = self.settings
+    def lesions(self, probs: np.ndarray, breast_mask: np.ndarray | None) -> list[LesionComponent]:
+        """Lesion components on the grid of ``probs`` (the bundle's threshold, minimum area, max lesions)."""
+        return find_lesions(probs, breast_mask, self.settings, self.channel_names)
 
-        def run(img: np.ndarray, breast: np.ndarray | None) -> np.ndarray:
-            return predict_tiled(self.model, img, tile=s.tile, overlap=s.overlap, batch_size=self.batch_size,
-                                 breast_mask=breast, mode=s.mode, autocast=self.autocast, device=self.device,
-                                 num_threads=self.num_threads)
-
-        probs = run(pixels, breast_mask)
-        if "hflip" in s.tta:  # average with the prediction of the mirrored image, mirrored back
-            flipped = run(np.ascontiguousarray(pixels[:, ::-1]),
-                          None if breast_mask is None else np.ascontiguousarray(breast_mask[:, ::-1]))
-            probs = 0.5 * (probs + flipped[:, :, ::-1])
-        return probs
-
-    def lesions(self, probs: np.ndarray, breast_mask: np.ndarray | None) -> list[Any]:
-        """Lesion components on the grid of ``probs`` (the bundle's threshold and minimum area)."""
-        from mammocad.inference.postprocess import probability_to_lesions
-
-        s = self.settings
-        found = probability_to_lesions(probs, threshold=s.threshold, min_area=s.min_area,
-                                       class_names=self.channel_names, breast_mask=breast_mask)
-        if s.max_lesions is not None:
-            found = sorted(found, key=lambda c: -c.score)[:s.max_lesions]
-        return found
+    def label_map(self, lesions: list[LesionComponent], shape: tuple[int, int]) -> np.ndarray:
+        """uint8 label map (``settings.class_names`` indices) of ``lesions`` on a grid of ``shape``."""
+        return lesion_label_map(lesions, shape, self.settings.class_names)
 
     def predict_image(self, image: str | Path | LoadedImage, laterality: str | None = None) -> ImagePrediction:
         """Predict one image; boxes, areas and masks are in the original image's pixel grid.

@@ -34,7 +34,7 @@ class LocalFeatures(nn.Module):
 
     Per scale s: Gaussian local mean, local standard deviation sqrt(E[x^2] - E[x]^2) and the
     scale-normalised Laplacian of Gaussian s^2 (G_xx + G_yy); plus the intensity and the Sobel
-    gradient magnitude. Borders are replicate-padded."""
+    gradient magnitude. Borders are replicate-padded. Computed in fp32 even under autocast."""
 
     def __init__(self, scales: list[float]):
         super().__init__()
@@ -51,6 +51,13 @@ class LocalFeatures(nn.Module):
         self.features_per_channel = 1 + 3 * n + 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Always fp32, whatever autocast is active: the std is a difference of two near-equal means
+        # (E[x^2] - E[x]^2) and the LoG a difference of smoothed values; in bf16 (8 bits of mantissa)
+        # both cancel to rounding noise on bright mammogram tissue (0.7 +- 0.01 texture).
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return self._features(x.float())
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         n_img, c, h, w = x.shape
         s, r = self.num_scales, self.radius
         flat = x.reshape(n_img * c, 1, h, w)

@@ -64,19 +64,38 @@ def bilinear_kernel(channels: int, factor: int) -> torch.Tensor:
     return (filt[:, None] * filt[None, :]).expand(channels, 1, size, size).clone()
 
 
+class FixedBilinearDeconv(nn.Module):
+    """The bilinear transposed convolution with a FIXED kernel: a buffer applied with
+    ``F.conv_transpose2d``, not a parameter, so no optimizer, weight decay or ``requires_grad_(True)``
+    (training re-enables every parameter at each stage) can change it. The buffer keeps the name
+    ``weight`` and stays in the state dict, so bundles saved when it was a frozen ConvTranspose2d
+    weight still load strictly."""
+
+    def __init__(self, channels: int, factor: int):
+        super().__init__()
+        self.factor, self.channels = factor, channels
+        self.register_buffer("weight", bilinear_kernel(channels, factor).contiguous())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv_transpose2d(x, self.weight, stride=self.factor, padding=self.factor // 2, groups=self.channels)
+
+
 class ScoreUpsample(nn.Module):
-    """x``factor`` upsampling of score maps: bilinear-initialised transposed conv or F.interpolate."""
+    """x``factor`` upsampling of score maps: bilinear-initialised transposed conv (learned, or a
+    fixed buffer when not ``learnable``) or F.interpolate."""
 
     def __init__(self, channels: int, factor: int, mode: str, learnable: bool):
         super().__init__()
         self.factor, self.mode = factor, mode
         if mode == "transposed":
-            self.deconv = nn.ConvTranspose2d(
-                channels, channels, 2 * factor, stride=factor, padding=factor // 2, groups=channels, bias=False
-            )
-            with torch.no_grad():
-                self.deconv.weight.copy_(bilinear_kernel(channels, factor))
-            self.deconv.weight.requires_grad_(learnable)
+            if learnable:
+                self.deconv = nn.ConvTranspose2d(
+                    channels, channels, 2 * factor, stride=factor, padding=factor // 2, groups=channels, bias=False
+                )
+                with torch.no_grad():
+                    self.deconv.weight.copy_(bilinear_kernel(channels, factor))
+            else:
+                self.deconv = FixedBilinearDeconv(channels, factor)
         elif mode != "bilinear":
             raise ConfigError("upsample", f"must be 'transposed' or 'bilinear', got {mode!r}")
 
@@ -90,7 +109,7 @@ class FCN(nn.Module):
     """FCN-``variant``s; ``variant`` in (32, 16, 8). Output stride 32 internally, logits at input size.
 
     ``learnable_upsample`` applies to the x2 fusion layers (learned in the paper); the final
-    upsampling stays fixed bilinear, as in the paper."""
+    upsampling stays fixed bilinear, as in the paper. Fixed kernels are buffers, not parameters."""
 
     def __init__(
         self,

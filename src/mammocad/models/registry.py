@@ -9,7 +9,11 @@ Contract of every registered model (checked by ``tests/test_models.py`` over ``l
 - ``model.mammocad_config == {"name": ..., "kwargs": {...}}`` holds the JSON-able constructor
   arguments, so a bundle rebuilds the architecture from JSON (``model_from_config``) and loads its
   safetensors weights without pickle. Arguments that only *initialise* weights (``init_from``,
-  ``weights_path``) are not part of the architecture and are left out.
+  ``weights_path``) are not part of the architecture and are left out;
+- fixed (never trained) tensors are buffers, not frozen parameters: training makes every parameter
+  trainable at the start of each stage. A parameter that must stay one and stay fixed is named (a
+  prefix) in ``model.fixed_parameters``; ``fixed_parameter_names`` lists them and training keeps
+  them frozen. Right after construction every other parameter has ``requires_grad``.
 
 The small helpers below (norm layers, input checks, local encoder weights) are shared by the
 model modules so each of them stays a plain description of its paper's architecture.
@@ -85,6 +89,12 @@ def model_from_config(config: dict[str, Any]) -> nn.Module:
     if not isinstance(config, dict) or "name" not in config:
         raise ConfigError("model config", "expected an object with 'name' and 'kwargs'")
     return create_model(config["name"], **dict(config.get("kwargs") or {}))
+
+
+def fixed_parameter_names(model: nn.Module) -> set[str]:
+    """Names of the parameters ``model`` declares fixed (``model.fixed_parameters``: name prefixes)."""
+    prefixes = [str(p).rstrip(".") for p in getattr(model, "fixed_parameters", ())]
+    return {n for n, _ in model.named_parameters() if any(n == p or n.startswith(p + ".") for p in prefixes)}
 
 
 # ---------------------------------------------------------------- shared helpers for the models

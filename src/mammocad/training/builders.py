@@ -195,7 +195,10 @@ def switch_model(cfg: TrainConfig, stage: StageConfig, previous: nn.Module) -> n
 
 
 def apply_stage(cfg: TrainConfig, model: nn.Module, stage: StageConfig) -> None:
-    """Trainable parameters for ``stage``: all, then ``set_stage`` (Dilation10), then ``freeze`` prefixes."""
+    """Trainable parameters for ``stage``: all, then ``set_stage`` (Dilation10), then ``freeze`` prefixes;
+    parameters the model declares fixed (``fixed_parameter_names``) are never made trainable."""
+    from mammocad.models.registry import fixed_parameter_names
+
     model.requires_grad_(True)
     where = f"train.stages.{stage.name}"
     if stage.model_stage is not None:
@@ -211,6 +214,10 @@ def apply_stage(cfg: TrainConfig, model: nn.Module, stage: StageConfig) -> None:
         for name, p in model.named_parameters():
             if name in hits:
                 p.requires_grad_(False)
+    fixed = fixed_parameter_names(model)
+    for name, p in model.named_parameters():
+        if name in fixed:
+            p.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(cfg.source, f"{where}: every parameter is frozen; nothing to train")
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from mammocad.devices import resolve_device
 from mammocad.errors import ConfigError
 
 
@@ -36,13 +37,8 @@ class DistContext:
 
 
 def pick_device(choice: str, local_rank: int = 0) -> torch.device:
-    if choice not in ("auto", "cpu", "cuda"):
-        raise ConfigError("--device", f"must be cpu, cuda or auto, got {choice!r}")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device", "cuda requested but no CUDA device is available")
-    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
-        return torch.device("cuda", local_rank % max(1, torch.cuda.device_count()))
-    return torch.device("cpu")
+    """``--device`` -> this rank's device (``mammocad.devices.resolve_device``, the rule prediction uses too)."""
+    return resolve_device(choice, local_rank)
 
 
 def init_distributed(device_choice: str = "auto", timeout_minutes: float = 60.0) -> DistContext:
@@ -52,6 +48,9 @@ def init_distributed(device_choice: str = "auto", timeout_minutes: float = 60.0)
     device = pick_device(device_choice, local_rank)
     if world <= 1:
         return DistContext(device=device)
+    if ":" in str(device_choice):  # every rank would take the same GPU; NCCL refuses that
+        raise ConfigError("--device", f"{device_choice} names one GPU; under torchrun use cuda or auto "
+                                      "(each rank takes GPU LOCAL_RANK)")
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)

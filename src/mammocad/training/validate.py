@@ -1,10 +1,12 @@
 """Validation during training.
 
-``validate_images`` (the default, what the papers report): every validation image is predicted
-whole with the tiled, breast-aware inference a bundle uses at run time (``predict_tiled``), turned
-into a label map (probability >= threshold for a binary model, argmax otherwise) and scored by
-``evaluate_segmentation``; the monitored number is the mean Dice over images WITH a lesion. It
-runs on the main process only (rank 0); the engine broadcasts the score.
+``validate_images`` (the default, what the papers report): every validation image goes through the
+very code path of the bundle the run will write (``predict_label_map`` with the config's
+``inference`` settings: tiled, breast-aware probabilities with its TTA, lesions of >= min_area
+pixels inside the breast, the max_lesions best, painted as a label map), and is scored by
+``evaluate_segmentation``; the monitored number is the mean Dice over images WITH a lesion. So early
+stopping and the card's validation figures are those ``mammocad evaluate`` gives the bundle (same
+autocast). It runs on the main process only (rank 0); the engine broadcasts the score.
 
 ``validate_patches`` (fast fallback, ``train.val_mode: patch``): a fixed grid of patches over the
 validation images, sharded over ranks; Dice of the lesion foreground summed over all patches
@@ -20,7 +22,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -42,37 +43,28 @@ def autocast_context(device: torch.device, amp_dtype: torch.dtype | None):
     return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
 
 
-def probabilities_to_labels(probs: np.ndarray, threshold: float) -> np.ndarray:
-    """(C,H,W) probabilities -> HxW uint8 label map (C == 1: sigmoid lesion probability)."""
-    if probs.shape[0] == 1:
-        return (probs[0] >= threshold).astype(np.uint8)
-    return np.argmax(probs, axis=0).astype(np.uint8)
-
-
-def predict_image(model: nn.Module, sample: SegmentationSample, inference: Any, amp_dtype: torch.dtype | None) -> np.ndarray:
-    """Whole-image (C,H,W) probabilities of one validation image, as a bundle would predict it."""
-    from mammocad.inference.tiling import predict_tiled
-
-    # predict_tiled autocasts to bf16 only; an fp16 (CUDA) training run validates in fp32
-    probs = predict_tiled(model, sample.image, tile=inference.tile, overlap=inference.overlap,
-                          batch_size=inference.batch_size, breast_mask=sample.breast, mode=inference.mode,
-                          autocast="bf16" if amp_dtype == torch.bfloat16 else "fp32")
-    return np.asarray(probs, dtype=np.float32)
+def inference_autocast(amp_dtype: torch.dtype | None) -> str:
+    """``predict_tiled``'s autocast for a training AMP dtype: it autocasts to bf16 only, so an fp16
+    (CUDA) run validates in fp32."""
+    return "bf16" if amp_dtype == torch.bfloat16 else "fp32"
 
 
 def validate_images(model: nn.Module, samples: list[SegmentationSample], labels: dict[str, str], class_names: list[str],
                     inference: Any, amp_dtype: torch.dtype | None = None, n_boot: int = 0,
                     progress: Callable[[], None] | None = None) -> ValidationResult:
-    """Whole-image validation (see the module docstring). ``labels``: image label per case id."""
+    """Whole-image validation (see the module docstring). ``labels``: image label per case id;
+    ``inference``: the config's ``inference`` section (``InferenceConfig``)."""
     from mammocad.evaluation.segmentation import EvalItem, evaluate_segmentation
+    from mammocad.inference.predictor import InferenceSettings, predict_label_map
 
     start = time.perf_counter()
+    settings = InferenceSettings.from_config(inference, class_names)
     was_training = model.training
     model.eval()
 
     def items():
         for s in samples:
-            pred = probabilities_to_labels(predict_image(model, s, inference, amp_dtype), inference.threshold)
+            pred, _ = predict_label_map(model, s.image, s.breast, settings, autocast=inference_autocast(amp_dtype))
             if progress is not None:
                 progress()
             yield EvalItem(case_id=s.case_id, patient_id=s.patient_id, gt=s.target, pred=pred,
