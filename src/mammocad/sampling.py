@@ -32,15 +32,15 @@ import cv2
 import numpy as np
 import torch
 
+from mammocad.datasets.splits import SPLIT_NAMES
 from mammocad.errors import ConfigError, InputError
+from mammocad.evaluation.segmentation import IGNORE_INDEX
 
 if TYPE_CHECKING:
     from mammocad.datasets.prepared import PreparedDataset
 
 log = logging.getLogger(__name__)
 
-IGNORE_INDEX = 255
-SPLIT_NAMES = ("train", "val", "test")
 CATEGORIES = ("lesion", "tissue", "background")  # the balanced sampler's fraction keys
 DEFAULT_FRACTIONS = {"lesion": 0.5, "tissue": 0.25, "background": 0.25}
 # label value of a lesion per pathology; "unknown" is resolved by load_samples' ``unknown`` option

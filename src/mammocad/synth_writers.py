@@ -23,7 +23,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,9 @@ from pydicom.sequence import Sequence
 from pydicom.uid import (JPEG2000Lossless, JPEGLossless, JPEGLosslessSV1, RLELossless, ExplicitVRLittleEndian, UID,
                          generate_uid)
 
+from mammocad.datasets.rasterize import mask_to_box
 from mammocad.errors import ConfigError, InputError
-from mammocad.io.atomic import atomic_write_bytes, atomic_write_text
+from mammocad.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from mammocad.io.images import write_png
 from mammocad.synth import SyntheticMammogram, synthesize_mammogram
 
@@ -368,11 +368,6 @@ def _write_folder(root: Path, images: list[StudyImage]) -> None:
     atomic_write_text(root / "labels.csv", text.getvalue())
 
 
-def _box(mask: np.ndarray) -> list[int]:
-    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
-    return [int(cols[0]), int(rows[0]), int(cols[-1] + 1), int(rows[-1] + 1)]
-
-
 def _ground_truth(images: list[StudyImage], seed: int, size: tuple[int, int], layouts: list[str]) -> dict[str, Any]:
     entries = []
     for img in images:
@@ -380,7 +375,7 @@ def _ground_truth(images: list[StudyImage], seed: int, size: tuple[int, int], la
         lesions = []
         for k, les in enumerate(m.lesions, start=1):
             entry = {"index": k, "kind": les.kind, "pathology": les.pathology, "source_label": les.source_label,
-                     "box": _box(les.mask), "area": int(les.mask.sum()),
+                     "box": [int(v) for v in mask_to_box(les.mask)], "area": int(les.mask.sum()),
                      "attributes": {key: v for key, v in les.attributes.items() if key != "cbis_files"}}
             if "folder" in layouts:
                 entry["mask"] = f"folder/masks/{img.image_id}_{k}.png"
@@ -425,7 +420,7 @@ def write_synthetic_study(out: str | Path, n: int = 8, seed: int = 0, size: tupl
     if "folder" in layouts:
         _write_folder(out / "folder", images)
         parts.append("folder/")
-    atomic_write_text(out / "ground_truth.json", json.dumps(_ground_truth(images, seed, size, layouts), indent=1, sort_keys=True) + "\n")
+    atomic_write_json(out / "ground_truth.json", _ground_truth(images, seed, size, layouts), indent=1, sort_keys=True)
     n_lesions = sum(len(img.mammo.lesions) for img in images)
     n_abnormal = sum(1 for img in images if img.mammo.lesions)
     n_patients = len({img.patient for img in images})

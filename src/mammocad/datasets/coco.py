@@ -35,6 +35,7 @@ from mammocad.datasets.common import (
     resolve_dir,
     unique_case_id,
 )
+from mammocad.datasets.rasterize import mask_to_box
 from mammocad.datasets.registry import register_adapter
 from mammocad.errors import AnnotationError
 from mammocad.records import Case, Lesion, label_from_lesions
@@ -56,11 +57,11 @@ def mask_outlines(mask: np.ndarray) -> list[list[tuple[float, float]]]:
     2x nearest-neighbour upsampling the traced centres lie 0.25 px inside the pixel edges, so the
     polygons re-fill to exactly the original pixels. Only the mask's bounding box is upsampled.
     """
-    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-    if rows.size == 0:
+    box = mask_to_box(mask)
+    if box is None:
         return []
-    r0, c0 = int(rows[0]), int(cols[0])
-    crop = np.ascontiguousarray(mask[r0 : rows[-1] + 1, c0 : cols[-1] + 1], dtype=np.uint8)
+    c0, r0, c1, r1 = (int(v) for v in box)
+    crop = np.ascontiguousarray(mask[r0:r1, c0:c1], dtype=np.uint8)
     up = cv2.resize(crop, None, fx=2, fy=2, interpolation=cv2.INTER_NEAREST)
     contours, _ = cv2.findContours(up, cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
     outlines = []

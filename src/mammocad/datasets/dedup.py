@@ -46,13 +46,8 @@ def _thumbnail(pixels: np.ndarray) -> Image.Image:
     return Image.fromarray(cv2.equalizeHist(np.round(a).clip(0, 255).astype(np.uint8)))
 
 
-def image_phash(pixels: np.ndarray) -> str:
-    """64-bit perceptual hash as 16 hex digits (the ``phash`` of cases.jsonl)."""
-    return str(imagehash.phash(_thumbnail(pixels)))
-
-
 def image_hashes(pixels: np.ndarray) -> dict[str, str]:
-    """``{"phash": 16 hex digits, "phash256": 64 hex digits}`` from one thumbnail."""
+    """``{"phash": 16 hex digits, "phash256": 64 hex digits}`` (as in cases.jsonl) from one thumbnail."""
     thumb = _thumbnail(pixels)
     return {"phash": str(imagehash.phash(thumb)), "phash256": str(imagehash.phash(thumb, hash_size=16))}
 

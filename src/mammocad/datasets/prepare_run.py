@@ -177,11 +177,11 @@ def _normalised(obj: Any) -> Any:
 
 def _check_spec(out_dir: Path, record: dict[str, Any]) -> None:
     """Write spec.json on the first run; on a re-run refuse anything different."""
-    from mammocad.io.atomic import atomic_write_text
+    from mammocad.io.atomic import atomic_write_json
 
     path = out_dir / SPEC_FILE
     if not path.exists():
-        atomic_write_text(path, json.dumps(record, indent=2, sort_keys=True) + "\n")
+        atomic_write_json(path, record, sort_keys=True)
         return
     try:
         old = json.loads(path.read_text(encoding="utf-8"))
@@ -288,7 +288,7 @@ def prepare_dataset(dataset: str, raw_dir: str | Path, out_dir: str | Path, spec
 
     from mammocad import __version__
     from mammocad.datasets.registry import read_cases
-    from mammocad.io.atomic import atomic_write_text
+    from mammocad.io.atomic import atomic_write_json, atomic_write_text
     from mammocad.preprocess.pipeline import PreprocessSpec
     from mammocad.records import write_jsonl
 
@@ -350,5 +350,5 @@ def prepare_dataset(dataset: str, raw_dir: str | Path, out_dir: str | Path, spec
     write_jsonl(out_dir / CASES_FILE, entries)
     report.seconds = time.monotonic() - start
     report.summary = _summary(entries, report)
-    atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(report.summary, indent=2) + "\n")
+    atomic_write_json(out_dir / SUMMARY_FILE, report.summary)
     return report

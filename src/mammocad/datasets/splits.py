@@ -21,7 +21,6 @@ approximates on image rows. Patients are sorted first, so the same seed writes t
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -126,7 +125,7 @@ def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15,
     ``official``: keep the source's own train/test (``Case.split``); val is ``val`` of the official
     train patients. Patients in both official splits are reported, and removed with ``drop_crossing``.
     """
-    from mammocad.io.atomic import atomic_write_text
+    from mammocad.io.atomic import atomic_write_json
 
     ds = PreparedDataset(prepared_dir)
     cases = [pc.case for pc in ds.cases]
@@ -192,7 +191,7 @@ def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15,
         "counts": [_counts(f, by_id) for f in fold_list], "notes": notes,
     }
     path = Path(out) if out is not None else ds.root / SPLITS_FILE
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(path, data, sort_keys=True)
     return SplitResult(path=path, data=data)
 
 

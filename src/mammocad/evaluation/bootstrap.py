@@ -18,6 +18,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from mammocad.io.jsonutil import finite_or_none
+
 DEFAULT_N_BOOT = 2000
 DEFAULT_SEED = 0
 DEFAULT_CONFIDENCE = 0.95
@@ -38,13 +40,9 @@ class ConfidenceInterval:
     degenerate: bool  # True with a single patient (the interval cannot reflect uncertainty)
 
     def to_dict(self) -> dict:
-        return {"low": _finite_or_none(self.low), "high": _finite_or_none(self.high), "confidence": self.confidence,
+        return {"low": finite_or_none(self.low), "high": finite_or_none(self.high), "confidence": self.confidence,
                 "n_boot": self.n_boot, "n_valid": self.n_valid, "n_groups": self.n_groups,
                 "degenerate": self.degenerate}
-
-
-def _finite_or_none(x: float) -> float | None:
-    return float(x) if np.isfinite(x) else None
 
 
 def group_index(group_ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
@@ -120,4 +118,4 @@ class MetricValue:
     n: int = 0
 
     def to_dict(self) -> dict:
-        return {"value": _finite_or_none(self.value), "n": self.n, "ci": None if self.ci is None else self.ci.to_dict()}
+        return {"value": finite_or_none(self.value), "n": self.n, "ci": None if self.ci is None else self.ci.to_dict()}

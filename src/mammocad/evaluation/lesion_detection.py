@@ -58,11 +58,13 @@ class Component(NamedTuple):
     @classmethod
     def from_mask(cls, mask: np.ndarray, score: float) -> "Component":
         """Component from a full-size boolean mask (cropped to its bounding box)."""
+        from mammocad.datasets.rasterize import mask_to_box
+
         mask = np.asarray(mask, dtype=bool)
-        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
-        if rows.size == 0:
+        box = mask_to_box(mask)
+        if box is None:
             raise ValueError("empty component mask")
-        x0, y0, x1, y1 = int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+        x0, y0, x1, y1 = (int(v) for v in box)
         return cls(mask[y0:y1, x0:x1], float(score), (x0, y0, x1, y1))
 
 

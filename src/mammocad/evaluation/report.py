@@ -3,17 +3,13 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Any
-
-import numpy as np
 
 from mammocad.evaluation.bootstrap import MetricValue
 from mammocad.evaluation.lesion_detection import DetectionReport
 from mammocad.evaluation.segmentation import SegmentationReport
-from mammocad.io.atomic import atomic_write_text
+from mammocad.io.atomic import atomic_write_json, atomic_write_text
 
 JSON_NAME, MARKDOWN_NAME = "metrics.json", "metrics.md"
 
@@ -30,21 +26,6 @@ _HEADLINE_NAMES = {
     "pixel_accuracy": "Pixel accuracy",
     "mean_class_accuracy": "Mean per-class accuracy",
 }
-
-
-def _clean(obj: Any) -> Any:
-    """JSON-safe copy: NaN/inf become null (JSON has no NaN), numpy scalars become Python numbers."""
-    if isinstance(obj, dict):
-        return {str(k): _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _clean(obj.tolist())
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, (float, np.floating)):
-        return float(obj) if math.isfinite(obj) else None
-    return obj
 
 
 def _fmt(x: float | None, digits: int = 4) -> str:
@@ -138,6 +119,6 @@ def write_report(report: SegmentationReport | DetectionReport, out_dir: str | Pa
         md = ["# Lesion detection evaluation", ""] + detection_markdown(report)
     else:
         raise TypeError(f"cannot write a report of type {type(report).__name__}")
-    atomic_write_text(json_path, json.dumps(_clean(report.to_dict()), indent=2, allow_nan=False) + "\n")
+    atomic_write_json(json_path, report.to_dict(), strict=True)
     atomic_write_text(md_path, "\n".join(md))
     return json_path, md_path

@@ -23,6 +23,7 @@ from mammocad.evaluation.bootstrap import (DEFAULT_CONFIDENCE, DEFAULT_N_BOOT, D
                                            MetricValue, bootstrap_ci, group_index, grouped_mean_ci, per_group_sum, ratio)
 from mammocad.evaluation.lesion_detection import (DEFAULT_FP_RATES, DEFAULT_IOU_THRESHOLD, Component, DetectionImage,
                                                   DetectionReport, MatchedImage, evaluate_matched, match_image)
+from mammocad.io.jsonutil import finite_or_none
 
 IGNORE_INDEX = 255
 
@@ -90,15 +91,11 @@ class ImageResult:
         fp = self.category == FALSE_POSITIVE_IMAGE
         return {"case_id": self.case_id, "patient_id": self.patient_id, "image_label": self.image_label,
                 "category": self.category, "gt_pixels": self.gt_pixels, "pred_pixels": self.pred_pixels,
-                "intersection": self.intersection, "dice": _num(self.dice), "iou": _num(self.iou),
-                "class_dice": {k: _num(v) for k, v in self.class_dice.items()},
+                "intersection": self.intersection, "dice": finite_or_none(self.dice), "iou": finite_or_none(self.iou),
+                "class_dice": {k: finite_or_none(v) for k, v in self.class_dice.items()},
                 "fp_fraction_of_image": self.pred_pixels / self.valid_pixels if fp and self.valid_pixels else None,
                 "fp_fraction_of_breast": (self.pred_pixels / self.breast_pixels
                                           if fp and self.breast_pixels else None)}
-
-
-def _num(x: float) -> float | None:
-    return float(x) if np.isfinite(x) else None
 
 
 def _label_map(a: np.ndarray, what: str, case_id: str) -> np.ndarray:
@@ -258,7 +255,7 @@ def evaluate_segmentation(items: Iterable[EvalItem], class_names: Sequence[str],
         ci = bootstrap_ci(lambda w, key=key: confusion_metrics(np.tensordot(w, cm_by_patient, axes=1))[key],
                           len(groups), **boot) if n_pix else None
         headline[key] = MetricValue(float(cm_metrics[key]), ci, n_pix)
-    per_class = [{"class": name, "iou": _num(cm_metrics["iou"][c]), "accuracy": _num(cm_metrics["class_accuracy"][c]),
+    per_class = [{"class": name, "iou": finite_or_none(cm_metrics["iou"][c]), "accuracy": finite_or_none(cm_metrics["class_accuracy"][c]),
                   "gt_pixels": int(total[c].sum()), "pred_pixels": int(total[:, c].sum())}
                  for c, name in enumerate(class_names)]
 

@@ -17,6 +17,7 @@ import cv2
 import numpy as np
 import scipy.ndimage
 
+from mammocad.datasets.rasterize import mask_to_box
 from mammocad.errors import ConfigError, InputError
 from mammocad.preprocess.geometry import Geometry
 from mammocad.records import PredictedLesion
@@ -42,10 +43,11 @@ class CroppedMask:
     @property
     def box(self) -> tuple[int, int, int, int]:
         """Tight [x0, y0, x1, y1] (pixel edges, exclusive end) of the set pixels."""
-        rows, cols = np.flatnonzero(self.mask.any(axis=1)), np.flatnonzero(self.mask.any(axis=0))
-        if not len(rows):
+        box = mask_to_box(self.mask)
+        if box is None:
             return (self.x0, self.y0, self.x0, self.y0)
-        return (self.x0 + int(cols[0]), self.y0 + int(rows[0]), self.x0 + int(cols[-1]) + 1, self.y0 + int(rows[-1]) + 1)
+        x0, y0, x1, y1 = (int(v) for v in box)
+        return (self.x0 + x0, self.y0 + y0, self.x0 + x1, self.y0 + y1)
 
     def paste_into(self, canvas: np.ndarray, value: int | bool = True) -> np.ndarray:
         h, w = self.mask.shape

@@ -32,7 +32,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from mammocad.errors import ConfigError, DicomError, InputError, MammocadError
-from mammocad.io.atomic import atomic_write_text
+from mammocad.io.atomic import atomic_write_json
 from mammocad.io.images import DICOM_SUFFIXES, PLAIN_SUFFIXES, read_image, write_png
 
 DEFAULT_MODELS = {"MG": "mammo-lesion-seg", "US": "us-lesion-seg"}
@@ -207,7 +207,7 @@ def write_outputs(out_dir: Path, stem: str, image: Any, result: Any) -> dict[str
         d["mask"] = d["mask_path"]
     record.update({"format_version": FORMAT_VERSION, "input": str(Path(image.path).resolve()),
                    "mask": f"{stem}_mask.png", "overlay": f"{stem}_overlay.png"})
-    atomic_write_text(out_dir / f"{stem}.json", json.dumps(record, indent=2) + "\n")
+    atomic_write_json(out_dir / f"{stem}.json", record)
     return record
 
 
@@ -360,5 +360,5 @@ def predict_files(inputs: Sequence[str | Path], out_dir: str | Path, model: str 
                                        "lesions": len(record["lesions"])})
             bar.advance(task)
     report.seconds = time.monotonic() - start
-    atomic_write_text(out_dir / SUMMARY_FILE, json.dumps(report.to_dict(), indent=2) + "\n")
+    atomic_write_json(out_dir / SUMMARY_FILE, report.to_dict())
     return report

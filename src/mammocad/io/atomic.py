@@ -7,10 +7,13 @@ temporary name starts with '.' and ends with '.part' so that resuming code can i
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
+
+from mammocad.io.jsonutil import json_clean
 
 
 @contextlib.contextmanager
@@ -39,3 +42,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2, *, sort_keys: bool = False,
+                      strict: bool = False) -> None:
+    """Write ``obj`` as JSON plus a final newline. ``strict`` first maps NaN/inf to null (and numpy
+    values to Python ones) so the file is valid JSON; without it a NaN is written as ``NaN``."""
+    if strict:
+        obj = json_clean(obj)
+    atomic_write_text(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, allow_nan=not strict) + "\n")

@@ -12,7 +12,6 @@ A bundle is named by its folder, or by the name of one shipped inside the packag
 from __future__ import annotations
 
 import json
-import math
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,29 +21,13 @@ from torch import nn
 
 from mammocad.errors import ConfigError, InputError
 from mammocad.io.atomic import atomic_path, atomic_write_text
+from mammocad.io.jsonutil import json_clean
 from mammocad.models.registry import model_config, model_from_config
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
 BUNDLE_FORMAT = "mammocad-model-bundle"
 BUNDLE_FORMAT_VERSION = 1
-
-
-def json_clean(obj: Any) -> Any:
-    """``obj`` as strict JSON values: NaN/inf -> None, tuples -> lists, paths -> strings."""
-    if isinstance(obj, dict):
-        return {str(k): json_clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_clean(v) for v in obj]
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, (str, int, bool)) or obj is None:
-        return obj
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "item"):  # numpy / torch scalars
-        return json_clean(obj.item())
-    raise TypeError(f"not a JSON value: {type(obj).__name__}")
 
 
 def save_bundle(directory: str | Path, model: nn.Module, card: dict[str, Any]) -> Path:

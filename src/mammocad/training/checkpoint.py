@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from mammocad.errors import InputError
-from mammocad.io.atomic import atomic_path, atomic_write_text
-from mammocad.models.bundle import json_clean
+from mammocad.io.atomic import atomic_path, atomic_write_json
+from mammocad.io.jsonutil import json_clean
 
 CHECKPOINT_WEIGHTS = "checkpoint.safetensors"
 CHECKPOINT_STATE = "checkpoint.json"
@@ -91,7 +91,7 @@ def save_checkpoint(out_dir: Path, model: nn.Module, optimizer: torch.optim.Opti
     with atomic_path(out_dir / CHECKPOINT_WEIGHTS) as tmp:
         save_file(tensors, str(tmp), metadata={"epoch": epoch, "version": str(CHECKPOINT_VERSION)})
     record = {"version": CHECKPOINT_VERSION, **state, "optimizer": opt_meta}
-    atomic_write_text(out_dir / CHECKPOINT_STATE, json.dumps(json_clean(record), indent=1, allow_nan=False) + "\n")
+    atomic_write_json(out_dir / CHECKPOINT_STATE, record, indent=1, strict=True)
 
 
 def read_checkpoint_state(out_dir: Path) -> dict[str, Any] | None:

@@ -23,7 +23,6 @@ uninterrupted one.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ import yaml
 from torch import nn
 
 from mammocad.errors import ConfigError, MammocadError
-from mammocad.io.atomic import atomic_write_text
+from mammocad.io.atomic import atomic_write_json, atomic_write_text
 from mammocad.training import builders as B
 from mammocad.training.checkpoint import (BEST_WEIGHTS, join_optimizer_state, load_checkpoint_tensors, load_weights,
                                           read_checkpoint_state, save_checkpoint, save_weights)
@@ -171,7 +170,7 @@ class Trainer:
                     "amp": None if self.amp_dtype is None else str(self.amp_dtype).removeprefix("torch."),
                     "threads": torch.get_num_threads(), "torch": torch.__version__, "first_epoch": epoch,
                     "patches_per_epoch": len(self.dataset), "shards": shards}
-            atomic_write_text(self.out / "run_info.json", json.dumps(info, indent=1) + "\n")
+            atomic_write_json(self.out / "run_info.json", info, indent=1)
 
     # ---- validation ----------------------------------------------------------------------------
     def _validate(self, model: nn.Module) -> ValidationResult:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from mammocad.io.atomic import atomic_write_bytes, atomic_write_text
+from mammocad.io.jsonutil import finite_or_none
 
 LOG_CSV = "log.csv"
 LOSS_PNG = "curves_loss.png"
@@ -30,7 +31,7 @@ COLUMNS = ["epoch", "stage", "lr", "train_loss", "val_loss", "val_dice", "val_io
 
 
 def _number(value: Any) -> float | None:
-    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+    return finite_or_none(value) if isinstance(value, (int, float)) else None
 
 
 class TrainingLog:
