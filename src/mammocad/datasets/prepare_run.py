@@ -146,6 +146,8 @@ class PrepareReport:
         from rich.console import Console
         from rich.table import Table
 
+        from mammocad.console import print_failures
+
         console = console or Console()
         s = self.summary
         t = Table(title=f"prepared dataset {self.out_dir}", show_header=False)
@@ -160,15 +162,8 @@ class PrepareReport:
             t.add_row(title, ", ".join(f"{k} {v}" for k, v in s.get(key, {}).items()) or "-")
         t.add_row("time", f"{self.seconds:.1f} s")
         console.print(t)
-        if self.failures:
-            ft = Table(title=f"failed cases (also in {self.out_dir / FAILED_FILE})")
-            ft.add_column("case")
-            ft.add_column("reason", overflow="fold")
-            for f in self.failures[:max_failures]:
-                ft.add_row(f["case_id"], f["error"])
-            if self.n_failed > max_failures:
-                ft.add_row("...", f"and {self.n_failed - max_failures} more")
-            console.print(ft)
+        print_failures(console, f"failed cases (also in {self.out_dir / FAILED_FILE})", "case",
+                       [(f["case_id"], f["error"]) for f in self.failures], max_failures)
 
 
 def _normalised(obj: Any) -> Any:
@@ -284,7 +279,7 @@ def prepare_dataset(dataset: str, raw_dir: str | Path, out_dir: str | Path, spec
     DICOM reading options for a case come from ``case.attributes["dicom_options"]`` when an adapter sets it.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from mammocad.console import progress_bar
 
     from mammocad import __version__
     from mammocad.datasets.registry import read_cases
@@ -326,8 +321,7 @@ def prepare_dataset(dataset: str, raw_dir: str | Path, out_dir: str | Path, spec
 
     with open(out_dir / CASES_FILE, "a", encoding="utf-8") as cases_fh, \
             open(out_dir / FAILED_FILE, "a", encoding="utf-8") as failed_fh, \
-            Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                     TimeRemainingColumn(), console=console, disable=not (progress and console.is_terminal)) as bar:
+            progress_bar(console, progress) as bar:
         task = bar.add_task(f"prepare {dataset}", total=len(todo))
 
         def handle(result: Result) -> None:

@@ -136,7 +136,7 @@ def evaluate_prepared(source: Any, prepared_dir: str | Path, split: str = "val",
     ``mammocad predict`` output folder. Writes ``metrics.json`` / ``metrics.md`` to ``out_dir`` when given.
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from mammocad.console import progress_bar
 
     from mammocad.datasets.prepared import PreparedDataset
     from mammocad.evaluation.report import write_report
@@ -199,8 +199,7 @@ def evaluate_prepared(source: Any, prepared_dir: str | Path, split: str = "val",
             yield EvalItem(case_id=pc.case_id, patient_id=pc.patient_id, gt=gt, pred=pred, image_label=pc.label,
                            breast_mask=breast, lesion_masks=lesion_masks, components=components)
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, disable=not (progress and console.is_terminal)) as bar:
+    with progress_bar(console, progress, remaining=False) as bar:
         task = bar.add_task(f"evaluate {split}", total=len(cases))
         report = evaluate_segmentation(items(bar, task), class_names, n_boot=n_boot, seed=seed)
     report.notes.extend(notes)

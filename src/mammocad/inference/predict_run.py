@@ -246,6 +246,8 @@ class PredictReport:
         from rich.console import Console
         from rich.table import Table
 
+        from mammocad.console import print_failures
+
         console = console or Console()
         t = Table(title=f"predictions in {self.out_dir}", show_header=False)
         t.add_row("inputs", str(self.n_inputs))
@@ -257,15 +259,8 @@ class PredictReport:
             t.add_row(f"model {name} {m['version']}", f"{m['images']} image(s)")
         t.add_row("time", f"{self.seconds:.1f} s")
         console.print(t)
-        if self.failures:
-            ft = Table(title=f"failed inputs (also in {self.out_dir / SUMMARY_FILE})")
-            ft.add_column("input", overflow="fold")
-            ft.add_column("reason", overflow="fold")
-            for f in self.failures[:max_failures]:
-                ft.add_row(f["input"], f["error"])
-            if self.n_failed > max_failures:
-                ft.add_row("...", f"and {self.n_failed - max_failures} more")
-            console.print(ft)
+        print_failures(console, f"failed inputs (also in {self.out_dir / SUMMARY_FILE})", "input",
+                       [(f["input"], f["error"]) for f in self.failures], max_failures)
 
 
 def predict_files(inputs: Sequence[str | Path], out_dir: str | Path, model: str | Path | None = None,
@@ -278,7 +273,7 @@ def predict_files(inputs: Sequence[str | Path], out_dir: str | Path, model: str 
     ``load_predictor`` builds a predictor from a bundle name (default ``Predictor(bundle, device=..., ...)``).
     """
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from mammocad.console import progress_bar
 
     start = time.monotonic()
     modality = str(modality).upper()
@@ -324,8 +319,7 @@ def predict_files(inputs: Sequence[str | Path], out_dir: str | Path, model: str 
 
     for f in failures:
         console.print(f"mammocad: {f['error']}", markup=False, highlight=False, soft_wrap=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=console, disable=not (progress and console.is_terminal)) as bar:
+    with progress_bar(console, progress) as bar:
         task = bar.add_task("predict", total=len(files))
         for path in files:
             stem = stems[path]

@@ -208,11 +208,11 @@ class Trainer:
         self.console.print(f"mammocad: training {cfg.model.name} on {len(self.dataset)} patches/epoch, "
                            f"{ctx.world_size} process(es) on {ctx.device}, amp={amp}"
                            + (f", resuming after epoch {epoch}" if st else ""), markup=False, highlight=False)
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import TextColumn
 
-        bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                       TextColumn("{task.fields[info]}"), console=self.console,
-                       disable=not (self.progress and self.console.is_terminal))
+        from mammocad.console import progress_bar
+
+        bar = progress_bar(self.console, self.progress, remaining=False, extra=[TextColumn("{task.fields[info]}")])
         with bar:
             for si in range(si0, len(stages)):
                 stage = stages[si]
