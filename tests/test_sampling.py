@@ -18,9 +18,9 @@ import torch
 from mammocad.datasets.rasterize import mask_to_box
 from mammocad.errors import ConfigError, InputError
 from mammocad.records import Case, Lesion
-from mammocad.sampling import (IGNORE_INDEX, BalancedPatchSampler, GridPatchSampler, LesionContextSampler, PatchDataset,
-                               SegmentationSample, build_target, format_composition, grid_starts, load_samples,
-                               training_case_ids)
+from mammocad.datasets.targets import IGNORE_INDEX, build_target, split_case_ids
+from mammocad.sampling import (BalancedPatchSampler, GridPatchSampler, LesionContextSampler, PatchDataset,
+                               SegmentationSample, format_composition, grid_starts, load_samples)
 
 
 def disc(shape, cy, cx, r) -> np.ndarray:
@@ -265,9 +265,9 @@ def stub_dataset(root: Path) -> StubPrepared:
 
 def test_training_split_only_and_leaks_refused(tmp_path, caplog):
     prepared = stub_dataset(tmp_path)
-    ids = training_case_ids(prepared)
+    ids = split_case_ids(prepared)
     assert ids == ["c0", "c1", "c2", "c3", "c7", "c8", "c9"]
-    assert training_case_ids(prepared, split="val") == ["c4", "c5"]
+    assert split_case_ids(prepared, split="val") == ["c4", "c5"]
     assert "1 patient(s) of train also appear" in caplog.text  # p3 (c6 test, c7 train): warned, not refused
     samples = load_samples(prepared, ids, num_classes=3)
     assert [s.case_id for s in samples] == ["c0", "c1", "c2", "c3", "c8"]  # c7: unoutlined lesion, c9: unlabelled
@@ -281,15 +281,15 @@ def test_training_split_only_and_leaks_refused(tmp_path, caplog):
 
     prepared._splits["folds"][0]["test"].append("c2")
     with pytest.raises(ConfigError, match="1 case\\(s\\) in both train and test"):
-        training_case_ids(prepared)
+        split_case_ids(prepared)
     prepared._splits["folds"][0]["test"].remove("c2")
     prepared._splits["folds"][0]["val"].append("ghost")
     with pytest.raises(InputError, match="not in the prepared dataset"):
-        training_case_ids(prepared, split="val")
+        split_case_ids(prepared, split="val")
     with pytest.raises(ConfigError, match="fold 2 does not exist"):
-        training_case_ids(prepared, fold=2)
+        split_case_ids(prepared, fold=2)
     with pytest.raises(ConfigError, match="split"):
-        training_case_ids(prepared, split="holdout")
+        split_case_ids(prepared, split="holdout")
 
 
 @pytest.mark.slow
@@ -315,7 +315,7 @@ def test_real_prepared_folder_dataset(tmp_path):
     prepare_dataset("folder", raw, tmp_path / "prep", spec=PreprocessSpec(long_side=None), progress=False)
     split = make_splits(tmp_path / "prep", val=0.25, test=0.25, seed=0).data["folds"][0]
     prepared = PreparedDataset(tmp_path / "prep")
-    ids = training_case_ids(prepared)
+    ids = split_case_ids(prepared)
     assert ids == split["train"] and len(ids) == 4
     samples = load_samples(prepared, ids, num_classes=3)
     assert [s.case_id for s in samples] == ids

@@ -4,7 +4,8 @@ import torch
 from torch import nn
 
 from mammocad.errors import ConfigError, InputError
-from mammocad.inference.tiling import cpu_supports_bf16, gaussian_importance_map, plan_tiles, predict_tiled
+from mammocad.devices import cpu_supports_bf16
+from mammocad.inference.tiling import gaussian_importance_map, plan_tiles, predict_tiled
 
 
 class Pointwise(nn.Module):

@@ -8,7 +8,9 @@ rather than a torch traceback at the first ``.to(device)``.
 
 from __future__ import annotations
 
+import contextlib
 import re
+from pathlib import Path
 
 import torch
 
@@ -38,3 +40,18 @@ def resolve_device(choice: str | torch.device | None = "auto", local_rank: int =
     if int(index) >= count:
         raise ConfigError("--device", f"{text} requested but this machine has {count} CUDA device(s) (cuda:0 to cuda:{count - 1})")
     return torch.device("cuda", int(index))
+
+
+def cpu_supports_bf16() -> bool:
+    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        fn = getattr(torch.cpu, probe, None)  # private torch helpers (no public API for this yet)
+        with contextlib.suppress(Exception):
+            if fn is not None and fn():
+                return True
+    with contextlib.suppress(OSError):
+        flags = Path("/proc/cpuinfo").read_text(errors="ignore")
+        return "avx512_bf16" in flags or "amx_bf16" in flags
+    return False

@@ -9,7 +9,7 @@ Everything is scored on the PREPARED grid, where the ground truth lives:
 * a predictions folder holds masks on the ORIGINAL grid: each lesion mask is mapped forward with
   the case's Geometry (the prepared dataset recorded it) and matched to its case by image path.
 
-Ground truth is the label map training uses (``sampling.build_target``); cases whose lesions are
+Ground truth is the label map training uses (``datasets.targets.build_target``); cases whose lesions are
 not all outlined are left out (their true foreground is unknown) and counted in the notes.
 Detection (FROC, sensitivity at 1 FP/image) scores the predicted lesions against each lesion mask.
 """
@@ -121,9 +121,9 @@ def _bundle_prediction(predictor: Any, pixels: np.ndarray, breast: np.ndarray,
 def split_case_ids(ds: Any, split: str, fold: int, splits_path: str | Path | None) -> list[str]:
     if split == "all":
         return [pc.case_id for pc in ds.cases]
-    from mammocad.sampling import training_case_ids
+    from mammocad.datasets.targets import split_case_ids
 
-    return training_case_ids(ds, fold=fold, split=split, splits_path=splits_path)
+    return split_case_ids(ds, fold=fold, split=split, splits_path=splits_path)
 
 
 def evaluate_prepared(source: Any, prepared_dir: str | Path, split: str = "val", fold: int = 0,
@@ -141,7 +141,7 @@ def evaluate_prepared(source: Any, prepared_dir: str | Path, split: str = "val",
     from mammocad.datasets.prepared import PreparedDataset
     from mammocad.evaluation.report import write_report
     from mammocad.inference.predictor import Predictor
-    from mammocad.sampling import build_target
+    from mammocad.datasets.targets import build_target
 
     if split not in SPLITS:
         raise ConfigError("--split", f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")

@@ -18,6 +18,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from mammocad.datasets.targets import IGNORE_INDEX
 from mammocad.errors import InputError
 from mammocad.evaluation.bootstrap import (DEFAULT_CONFIDENCE, DEFAULT_N_BOOT, DEFAULT_SEED, SINGLE_GROUP_NOTE,
                                            MetricValue, bootstrap_ci, group_index, grouped_mean_ci, per_group_sum, ratio)
@@ -25,7 +26,6 @@ from mammocad.evaluation.lesion_detection import (DEFAULT_FP_RATES, DEFAULT_IOU_
                                                   DetectionReport, MatchedImage, evaluate_matched, match_image)
 from mammocad.io.jsonutil import finite_or_none
 
-IGNORE_INDEX = 255
 
 LESION_IMAGE, BOTH_EMPTY, FALSE_POSITIVE_IMAGE = "lesion", "both_empty", "false_positive"
 

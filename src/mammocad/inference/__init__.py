@@ -7,13 +7,12 @@ from mammocad.inference.postprocess import (
     probability_to_lesions,
     union_mask_original,
 )
-from mammocad.inference.tiling import TilePlan, cpu_supports_bf16, plan_tiles, predict_tiled
+from mammocad.inference.tiling import TilePlan, plan_tiles, predict_tiled
 
 __all__ = [
     "CroppedMask",
     "LesionComponent",
     "TilePlan",
-    "cpu_supports_bf16",
     "lesions_to_original",
     "plan_tiles",
     "predict_tiled",

@@ -22,11 +22,9 @@ overlap or blending (seams are the price of the memory saving).
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import cv2
@@ -34,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mammocad.devices import cpu_supports_bf16
 from mammocad.errors import ConfigError, InputError
 
 MODES = ("sliding", "four")
@@ -119,21 +118,6 @@ def gaussian_importance_map(height: int, width: int, sigma_scale: float = 0.125)
     g = np.maximum(np.outer(axes[0], axes[1]), np.float32(WEIGHT_FLOOR))
     g.setflags(write=False)
     return g
-
-
-def cpu_supports_bf16() -> bool:
-    """True when the CPU computes bf16 natively (AVX512-BF16 or AMX); emulated bf16 is slower than fp32."""
-    if not torch.backends.mkldnn.is_available():
-        return False
-    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
-        fn = getattr(torch.cpu, probe, None)  # private torch helpers (no public API for this yet)
-        with contextlib.suppress(Exception):
-            if fn is not None and fn():
-                return True
-    with contextlib.suppress(OSError):
-        flags = Path("/proc/cpuinfo").read_text(errors="ignore")
-        return "avx512_bf16" in flags or "amx_bf16" in flags
-    return False
 
 
 def use_bf16(autocast: str, device: torch.device) -> bool:

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from mammocad.errors import ConfigError
-from mammocad.sampling import (IGNORE_INDEX, BalancedPatchSampler, GridPatchSampler, LesionContextSampler, PatchDataset,
-                               SegmentationSample, item_seed, load_samples, training_case_ids)
+from mammocad.datasets.targets import IGNORE_INDEX, split_case_ids
+from mammocad.sampling import (BalancedPatchSampler, GridPatchSampler, LesionContextSampler, PatchDataset,
+                               SegmentationSample, item_seed, load_samples)
 from mammocad.training.config import OptimConfig, StageConfig, TrainConfig, config_errors
 from mammocad.training.distributed import DistContext
 
@@ -79,7 +80,7 @@ def seed_worker(worker_id: int) -> None:
 def resolve_amp(amp: str, device: torch.device, source: str) -> tuple[torch.dtype | None, bool]:
     """(autocast dtype or None, use a GradScaler). ``auto``: bf16 where the device computes it
     natively (CUDA with bf16, AVX512-BF16/AMX CPUs), fp16 + GradScaler on older GPUs, else fp32."""
-    from mammocad.inference.tiling import cpu_supports_bf16
+    from mammocad.devices import cpu_supports_bf16
 
     if amp == "none":
         return None, False
@@ -102,7 +103,7 @@ def resolve_amp(amp: str, device: torch.device, source: str) -> tuple[torch.dtyp
 def load_split(cfg: TrainConfig, prepared: Any, split: str) -> tuple[list[SegmentationSample], dict[str, str]]:
     """(samples, image label per case id) of ``split`` in the configured fold."""
     with config_errors(cfg, "data"):
-        ids = training_case_ids(prepared, cfg.data.fold, split, cfg.data.splits)
+        ids = split_case_ids(prepared, cfg.data.fold, split, cfg.data.splits)
         samples = load_samples(prepared, ids, cfg.data.label_classes, cfg.data.unknown) if ids else []
     return samples, {cid: prepared.by_id(cid).label for cid in ids}
 

@@ -25,7 +25,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from mammocad.sampling import IGNORE_INDEX, SegmentationSample
+from mammocad.datasets.targets import IGNORE_INDEX
+from mammocad.sampling import SegmentationSample
 from mammocad.training.distributed import DistContext, all_reduce_sum
 
 MONITOR = "dice_lesion_images_mean"
