@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
+from conftest import shared_path
 from mammocad.datasets.folder import read_folder
 from mammocad.datasets.rasterize import rasterize_lesion
 from mammocad.datasets.registry import read_cases
@@ -165,3 +167,50 @@ def test_float_mask_counts_and_draws_the_same_pixels(tmp_path):
     assert case.label == "unknown" and len(case.lesions) == 1
     drawn = rasterize_lesion(case.lesions[0], (H, W))
     assert int(drawn.sum()) == 200 and drawn[10:20, 10:30].all()
+
+
+@pytest.mark.realdata
+def test_folder_finds_dicom_without_suffix_and_refuses_non_breast_modalities(tmp_path, caplog):
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(shared_path("dicom", "dicom-test-files", "MG1_J2KI"), images / "IM0001")  # a real mammogram, no suffix
+    shutil.copy(shared_path("dicom", "pydicom", "CT_small.dcm"), images / "ct.dcm")
+    write(images / "film.png", image())
+    (images / "notes.txt").write_text("not an image")
+    (images / ".DS_Store").write_bytes(b"\0" * 16)
+    write(images / "sub" / "x.png", image())
+    with caplog.at_level(logging.WARNING):
+        cases = read_folder(tmp_path)
+    assert [(c.case_id, c.modality, c.attributes["modality_from"]) for c in cases if "refused" not in c.attributes] == [
+        ("IM0001", "MG", "DICOM header"), ("film", "MG", "default (plain image)")]
+    (ct,) = [c for c in cases if "refused" in c.attributes]  # kept so that prepare counts it as a failure
+    assert ct.case_id == "ct" and ct.attributes["refused"].startswith(f"{images / 'ct.dcm'}: modality CT is neither a mammogram")
+    from mammocad.datasets.prepare_run import prepare_case
+
+    status, record = prepare_case(ct, tmp_path / "out", None)
+    assert status == "failed" and record["error"] == ct.attributes["refused"] and "\n" not in record["error"]
+    assert not (tmp_path / "out").exists()  # refused before any work
+    for name, reason in (("notes.txt", "not an image"), (".DS_Store", "hidden file"), ("sub", "subfolder: not searched")):
+        assert f"{images / name}: not used: {reason}" in caplog.text
+
+    # naming the modality takes every image as it, the CT included (the user said so)
+    cases = read_folder(tmp_path, modality="US")
+    assert [(c.case_id, c.modality, c.attributes["modality_from"]) for c in cases] == [
+        ("IM0001", "US", "modality option"), ("ct", "US", "modality option"), ("film", "US", "modality option")]
+    (tmp_path / "labels.csv").write_text("image,modality\nct.dcm,MG\n")  # or labels.csv names it for that image
+    assert [c.case_id for c in read_folder(tmp_path)] == ["IM0001", "ct", "film"]
+
+
+def test_folder_keeps_uid_named_dicom_names_whole(tmp_path):
+    from mammocad.synth_writers import DicomIdentity, mammogram_dataset, save_dataset, uid_from
+
+    for name in ("1.2.840.113619.2.55.3", "1.2.840.113619.2.55.4"):  # their "suffixes" are numbers
+        path = tmp_path / "images" / name
+        ident = DicomIdentity("P1", uid_from(path, "st"), uid_from(path, "se"), uid_from(path, "sop"))
+        ds = mammogram_dataset(np.full((H, W), 1000, np.uint16), ident, "L", "CC", 0.1, "MONOCHROME2", (2048.0, 4096.0),
+                               "explicit-little")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_dataset(ds, path)
+    cases = read_folder(tmp_path)
+    assert [(c.case_id, c.modality, c.attributes["modality_from"]) for c in cases] == [
+        ("1.2.840.113619.2.55.3", "MG", "DICOM header"), ("1.2.840.113619.2.55.4", "MG", "DICOM header")]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import stat
+
 import cv2
 import numpy as np
 import pytest
@@ -9,7 +12,8 @@ import tifffile
 
 from conftest import shared_path
 from mammocad.errors import InputError
-from mammocad.io.images import float_to_uint16, read_image, write_png
+from mammocad.io.atomic import atomic_write_json
+from mammocad.io.images import DEFAULT_MAX_PIXELS, float_to_uint16, read_image, write_png
 
 
 def _ramp16() -> np.ndarray:
@@ -90,3 +94,72 @@ def test_write_png_is_atomic_and_round_trips(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         write_png(tmp_path / "y.png", a)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]  # no half file, no temp file left
+
+
+def _huge_blank_png(path, width: int, height: int) -> None:
+    """A valid 8-bit greyscale PNG of zeros, compressed row by row: a few hundred KB on disk,
+    width x height bytes once decoded (without ever holding them in memory here)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer = zlib.compressobj(9)
+    row = b"\0" * (width + 1)  # filter byte + pixels
+    idat = b"".join(packer.compress(row) for _ in range(height)) + packer.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                     + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+def test_huge_png_is_refused_from_its_header(tmp_path, monkeypatch):
+    """A 20000x20000 PNG took 7.6 GB to decode and preprocess: it is refused before decoding."""
+    path = tmp_path / "huge.png"
+    _huge_blank_png(path, 20000, 20000)
+    assert path.stat().st_size < 2_000_000
+    monkeypatch.setattr(cv2, "imdecode", lambda *a, **k: pytest.fail("decoded a refused image"))
+    with pytest.raises(InputError) as err:
+        read_image(path)
+    # (over ~179 MP Pillow names only the pixel count, not the dimensions)
+    assert str(err.value) == (f"{path}: 400000000 pixels = 400.0 megapixels, over the limit of "
+                              f"{DEFAULT_MAX_PIXELS / 1e6:g} megapixels (raise it with --max-pixels)")
+    _huge_blank_png(path, 12000, 10000)  # under Pillow's own limit: the dimensions are named
+    with pytest.raises(InputError, match=r"huge\.png: 12000x10000 pixels = 120\.0 megapixels, over the limit"):
+        read_image(path)
+    assert DEFAULT_MAX_PIXELS >= 5000 * 6000  # every real mammography detector fits
+
+
+def test_pixel_limit_of_each_format(tmp_path):
+    a = np.zeros((40, 30), np.uint8)
+    for suffix in (".png", ".jpg", ".pgm", ".tif", ".bmp"):
+        path = tmp_path / f"a{suffix}"
+        tifffile.imwrite(path, a) if suffix == ".tif" else cv2.imwrite(str(path), a)
+        assert read_image(path, max_pixels=1200).shape == (40, 30)  # at the limit: read
+        with pytest.raises(InputError, match=r"30x40 pixels = 0\.0 megapixels, over the limit of 0\.001199"):
+            read_image(path, max_pixels=1199)
+    stack = tmp_path / "stack.tif"  # imread reads every page of the first series: all of them count
+    tifffile.imwrite(stack, np.zeros((5, 40, 30), np.uint8))
+    with pytest.raises(InputError, match=r"30x40 pixels x 5 frames"):
+        read_image(stack, max_pixels=3000)
+    assert read_image(tmp_path / "a.png", max_pixels=None).shape == (40, 30)  # no limit
+
+
+@pytest.mark.realdata
+def test_pixel_limit_of_dicom_counts_every_frame():
+    nm = shared_path("dicom", "dcm4che", "NM-MONO2-16-13x-heart")  # 64x64, 13 frames, no suffix
+    with pytest.raises(InputError, match=r"64x64 pixels x 13 frames = 0\.1 megapixels"):
+        read_image(nm, max_pixels=13 * 64 * 64 - 1, frame=0)
+    assert read_image(nm, max_pixels=13 * 64 * 64, frame=0).shape == (64, 64)
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o027, 0o640), (0o077, 0o600)])
+def test_outputs_get_the_mode_the_umask_allows(tmp_path, umask, mode):
+    """mkstemp makes 0600 files whatever the umask: outputs must be readable as the umask allows."""
+    old = os.umask(umask)
+    try:
+        write_png(tmp_path / "x.png", np.zeros((4, 4), np.uint8))
+        atomic_write_json(tmp_path / "x.json", {"a": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "x.png").stat().st_mode) == mode
+    assert stat.S_IMODE((tmp_path / "x.json").stat().st_mode) == mode

@@ -1,6 +1,8 @@
 """Users' own data: ``images/`` + ``masks/`` (+ optional ``labels.csv``).
 
-Masks are matched to images by stem: ``masks/<stem>.png``, ``<stem>_mask.png``, ``<stem>_<k>.png``,
+Images are the files directly in ``images/`` that ``io.discover`` takes as images (plain suffixes,
+and DICOM by content: ``IM0001``, UID names, files without preamble); everything else there is
+logged as not used, with the reason. Masks are matched to images by stem: ``masks/<stem>.png``, ``<stem>_mask.png``, ``<stem>_<k>.png``,
 ``<stem>_mask_<k>.png`` (several lesions, one per file; the BUSI layout). With
 ``mask_mode=instances`` one file is a label mask and each distinct non-zero value is a lesion
 (``attributes["label_value"]``, which ``rasterize_lesion`` honours). Masks are read once here, to
@@ -10,6 +12,12 @@ Image label, first that applies: ``labels.csv`` ``label``; benign/malignant from
 (``pathology`` column or unknown); ``normal`` when the image has only empty masks (an explicit
 negative annotation, as in BUSI's normal class); otherwise ``no_mask_means`` (default unknown:
 a missing mask does not prove an image normal).
+
+Modality, first that applies: ``labels.csv`` ``modality``; the ``modality`` option; a DICOM file's
+header (``io.discover.breast_modality``: a CT or a chest X-ray is refused, a case whose
+``attributes["refused"]`` holds the one-line error that ``prepare`` reports as its failure; it is
+never prepared as a mammogram); MG for plain images. ``attributes["modality_from"]``
+says which.
 """
 
 from __future__ import annotations
@@ -27,28 +35,36 @@ import numpy as np
 from mammocad.datasets.common import check_options, image_label_from_word, inherit_pathology, parse_modality, pathology_from_word
 from mammocad.datasets.rasterize import read_mask, read_mask_values
 from mammocad.datasets.registry import register_adapter
-from mammocad.errors import AnnotationError, ConfigError, InputError, MammocadError
+from mammocad.errors import AnnotationError, ConfigError, DicomError, InputError, MammocadError
+from mammocad.io.discover import NonBreastModalityError, breast_modality, find_images, image_stem
+from mammocad.records import REFUSED
 from mammocad.records import Case, Lesion, label_from_lesions
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".pgm", ".jpg", ".jpeg", ".tif", ".tiff", ".dcm"}
 MASK_SUFFIXES = {".png", ".pgm", ".tif", ".tiff", ".bmp"}  # lossless only: JPEG smears mask edges
 CSV_COLUMNS = ("image", "label", "patient_id", "laterality", "view", "modality", "pathology")
 _LATERALITY = {"l": "L", "left": "L", "r": "R", "right": "R"}
+_MAX_NOT_USED_WARNINGS = 20  # one warning per path up to this many, then one line with the count
 
 
 def _list_images(images_dir: Path) -> dict[str, Path]:
     if not images_dir.is_dir():
         raise InputError(images_dir, "folder not found (expected images/ with the image files)")
+    walk = find_images(images_dir, recursive=False)
+    for item in walk.not_used[:_MAX_NOT_USED_WARNINGS]:
+        log.warning("%s: not used: %s", item.path, item.reason)
+    if len(walk.not_used) > _MAX_NOT_USED_WARNINGS:
+        log.warning("%s: %d more paths not used (not images, hidden, subfolders, ...)", images_dir,
+                    len(walk.not_used) - _MAX_NOT_USED_WARNINGS)
     images: dict[str, Path] = {}
-    for path in sorted(images_dir.iterdir()):
-        if path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES:
-            if path.stem in images:
-                raise InputError(images_dir, f"{images[path.stem].name} and {path.name} share the stem {path.stem!r}; masks are matched by stem")
-            images[path.stem] = path
+    for path in walk.files:
+        stem = image_stem(path)
+        if stem in images:
+            raise InputError(images_dir, f"{images[stem].name} and {path.name} share the stem {stem!r}; masks are matched by stem")
+        images[stem] = path
     if not images:
-        raise InputError(images_dir, f"empty folder: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        raise InputError(images_dir, "empty folder: no images (PNG, PGM, JPEG, TIFF, BMP or DICOM files)")
     return images
 
 
@@ -154,15 +170,29 @@ def _option_choice(options: dict[str, Any], key: str, allowed: tuple[str, ...], 
     return value
 
 
+def _header_modality(path: Path) -> tuple[str | None, str]:
+    """(MG | US, where it came from) of an image without a modality option: its DICOM header, or
+    MG for a plain image. A DICOM image of another modality gives (None, the one-line error that
+    refuses it)."""
+    try:
+        modality = breast_modality(path)
+    except NonBreastModalityError as err:
+        return None, str(err)
+    except DicomError:  # an unreadable header: preparing the image reports it, with the reader's words
+        return "MG", "default"
+    return (modality, "DICOM header") if modality else ("MG", "default (plain image)")
+
+
 @register_adapter("folder")
 def read_folder(raw_dir: Path, **options: Any) -> list[Case]:
     """Cases from ``raw_dir/images`` + ``raw_dir/masks`` (+ ``raw_dir/labels.csv``). Options
-    (strings): modality (MG|US, default MG), mask_mode (binary|instances, default binary),
+    (strings): modality (MG|US: every image is taken as this; default: a DICOM file's header, MG for
+    plain images), mask_mode (binary|instances, default binary),
     no_mask_means (unknown|normal, default unknown), labels (CSV file name, default labels.csv),
     dataset (default 'folder')."""
     check_options("folder", options, ("modality", "mask_mode", "no_mask_means", "labels", "dataset"))
     raw_dir = Path(raw_dir).absolute()
-    modality = parse_modality(options.get("modality", "MG"), "folder")
+    forced = parse_modality(options["modality"], "folder") if options.get("modality") else None
     instances = _option_choice(options, "mask_mode", ("binary", "instances"), "binary") == "instances"
     no_mask_label = _option_choice(options, "no_mask_means", ("unknown", "normal"), "unknown")
     dataset = options.get("dataset") or "folder"
@@ -176,8 +206,10 @@ def read_folder(raw_dir: Path, **options: Any) -> list[Case]:
 
     # Mask files are decoded here to tell lesions from empty (normal) masks: full-field masks take
     # ~0.1 s each, so decode them on threads (OpenCV and zlib release the GIL) rather than one by one.
+    # DICOM headers are read here (for the modality) on the same threads.
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         found = dict(zip(images, pool.map(lambda stem: _try_lesions(masks.get(stem, []), instances), images)))
+        header = {} if forced else dict(zip(images, pool.map(_header_modality, images.values())))
 
     cases = []
     for stem, image_path in images.items():
@@ -206,13 +238,20 @@ def read_folder(raw_dir: Path, **options: Any) -> list[Case]:
         laterality = _LATERALITY.get(row.get("laterality", "").lower()) if row.get("laterality") else None
         if row.get("laterality") and laterality is None:
             log.warning("%s: laterality %r is not L/R; ignored", where, row["laterality"])
-        case_modality = modality
+        case_modality, modality_from = (forced, "modality option") if forced else header[stem]
         if row.get("modality"):
             try:
-                case_modality = parse_modality(row["modality"], where)
+                case_modality, modality_from = parse_modality(row["modality"], where), csv_path.name
             except ConfigError as exc:
-                log.warning("%s; the default %s is used", exc, modality)
-        attributes: dict[str, Any] = {"label_from": label_from, "patient_id_from": "labels.csv" if row.get("patient_id") else "image stem"}
+                log.warning("%s; ignored", exc)
+        attributes: dict[str, Any] = {"label_from": label_from, "modality_from": modality_from,
+                                      "patient_id_from": "labels.csv" if row.get("patient_id") else "image stem"}
+        if case_modality is None:  # a CT, a chest X-ray: never prepared as a mammogram
+            # kept as a case that ``prepare`` fails with this line (failed.jsonl, exit status 1), as
+            # ``predict`` does: a refused image must be counted, not only logged
+            attributes[REFUSED] = (f"{modality_from}; set its modality in labels.csv or with --modality "
+                                   "to use it anyway")
+            case_modality = "MG"  # a Case needs one; the refusal stops it before any preprocessing
         if empty:
             attributes["empty_masks"] = empty
         cases.append(

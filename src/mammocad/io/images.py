@@ -6,6 +6,7 @@ equal (BUSI, screenshots) become single-channel, other colour images are convert
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,15 @@ import numpy as np
 
 from mammocad.errors import InputError
 from mammocad.io.atomic import atomic_write_bytes
+from mammocad.io.discover import DICOM_SUFFIXES, PLAIN_SUFFIXES, image_kind, is_dicom_file
 
-PLAIN_SUFFIXES = {".png", ".pgm", ".pnm", ".ppm", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp"}
-DICOM_SUFFIXES = {".dcm", ".dicom", ".dic", ""}
+__all__ = ["DEFAULT_MAX_PIXELS", "DICOM_SUFFIXES", "LoadedImage", "PLAIN_SUFFIXES", "check_pixel_limit", "encode_png",
+           "float_to_uint16", "is_dicom_file", "read_image", "read_plain_image", "write_png"]
+
+# Inputs larger than this are refused before decoding: decoding and preprocessing take ~20 bytes a
+# pixel (a 20000x20000 PNG took 7.6 GB). The largest mammography detectors (FFDM, CR) are about
+# 5000x6000 = 30 megapixels, so the default admits every real mammogram with room to spare.
+DEFAULT_MAX_PIXELS = 100_000_000
 
 
 @dataclass
@@ -46,18 +53,6 @@ class LoadedImage:
             return p.astype(np.float32, copy=False)
         bits = int(self.meta.get("bits_stored") or (8 if p.dtype == np.uint8 else 16))
         return np.clip(p.astype(np.float32) / float(2**bits - 1), 0.0, 1.0)
-
-
-def is_dicom_file(path: Path) -> bool:
-    """True for a Part-10 file ('DICM' at byte 128), and for .dcm files without a preamble."""
-    try:
-        with open(path, "rb") as fh:
-            head = fh.read(132)
-    except OSError:
-        return False
-    if len(head) == 132 and head[128:132] == b"DICM":
-        return True
-    return path.suffix.lower() in (".dcm", ".dicom", ".dic") or (path.suffix == "" and len(head) > 8)
 
 
 def read_plain_image(path: str | Path) -> LoadedImage:
@@ -109,20 +104,97 @@ def _to_gray(arr: np.ndarray, path: Path) -> np.ndarray:
     raise InputError(path, f"expected a 2-D greyscale or colour image, got shape {arr.shape}")
 
 
-def read_image(path: str | Path, **dicom_options: Any) -> LoadedImage:
-    """Read any supported image; DICOM options (``voi``, ``frame``) are passed to the DICOM reader."""
+def read_image(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS, **dicom_options: Any) -> LoadedImage:
+    """Read any supported image; DICOM options (``voi``, ``frame``) are passed to the DICOM reader.
+    An image of more than ``max_pixels`` pixels (None: no limit) is refused from its header, before
+    any pixel is decoded."""
     path = Path(path)
     if not path.exists():
         raise InputError(path, "file not found")
     if path.is_dir():
         raise InputError(path, "is a folder, expected an image file")
     if path.suffix.lower() in PLAIN_SUFFIXES:
+        check_pixel_limit(path, max_pixels, dicom=False)
         return read_plain_image(path)
-    if is_dicom_file(path):
+    try:
+        kind = image_kind(path)
+    except OSError as exc:
+        raise InputError(path, f"cannot read ({exc.strerror or exc})") from None
+    if kind == "dicom":
         from mammocad.io.dicom import read_dicom
 
+        check_pixel_limit(path, max_pixels, dicom=True)
         return read_dicom(path, **dicom_options)
-    raise InputError(path, f"unsupported file type {path.suffix!r}")
+    raise InputError(path, f"unsupported file type {path.suffix!r}" if path.suffix else
+                     "unsupported file type: no image suffix and no DICOM header")
+
+
+def check_pixel_limit(path: Path, max_pixels: int | None, dicom: bool) -> None:
+    """Raise ``InputError`` when the header of ``path`` declares more than ``max_pixels`` pixels
+    (all frames of a DICOM file). A header that cannot be read passes: the decoder then reports
+    the file in its own words."""
+    if max_pixels is None:
+        return
+    size = _dicom_size(path) if dicom else _plain_size(path)
+    if size is not None and size[0] > max_pixels:
+        n, what = size
+        raise InputError(path, f"{what} = {n / 1e6:.1f} megapixels, over the limit of {max_pixels / 1e6:g} megapixels "
+                               "(raise it with --max-pixels)")
+
+
+def _size(rows: int, columns: int, frames: int = 1) -> tuple[int, str]:
+    """(pixel count, "WxH pixels [x N frames]")."""
+    what = f"{columns}x{rows} pixels" + (f" x {frames} frames" if frames > 1 else "")
+    return rows * columns * frames, what
+
+
+def _plain_size(path: Path) -> tuple[int, str] | None:
+    """Pixel count and size from a plain file's header: tifffile for TIFF (the pages ``imread``
+    would read), Pillow for the others (``Image.open`` reads the header only)."""
+    if path.suffix.lower() in (".tif", ".tiff"):
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                series = tif.series[0]
+                page = tif.pages[0]
+                samples = int(getattr(page, "samplesperpixel", 1) or 1)
+                total = int(np.prod(series.shape, dtype=np.int64)) // samples
+                rows, columns = int(page.imagelength), int(page.imagewidth)
+        except Exception:  # tifffile raises many types on broken files; the reader reports them
+            return None
+        return _size(rows, columns, max(1, total // max(1, rows * columns)))
+    import warnings
+
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                columns, rows = im.size
+    except Image.DecompressionBombError as exc:
+        # Pillow refuses over ~179 MP on its own and names the size only in its message
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        return (int(found.group(1)), f"{found.group(1)} pixels") if found else None
+    except Exception:  # not identifiable by Pillow: OpenCV decides (and reports) when reading
+        return None
+    return _size(int(rows), int(columns))
+
+
+def _dicom_size(path: Path) -> tuple[int, str] | None:
+    """Pixel count and size from a DICOM header (pixel data not read)."""
+    import pydicom
+
+    from mammocad.io.dicom import _quiet_pydicom
+
+    try:
+        with _quiet_pydicom():
+            ds = pydicom.dcmread(path, force=True, stop_before_pixels=True,
+                                 specific_tags=["Rows", "Columns", "NumberOfFrames"])
+            return _size(int(ds.Rows), int(ds.Columns), int(ds.get("NumberOfFrames") or 1))
+    except Exception:  # a broken header: read_dicom says what is wrong with it
+        return None
 
 
 def encode_png(array: np.ndarray) -> bytes:

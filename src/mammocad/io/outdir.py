@@ -27,15 +27,24 @@ LOCK_FILE = ".mammocad.lock"
 MARKER_FILE = ".mammocad-output"
 
 
-def check_output_dir(path: str | Path) -> Path:
+def check_output_dir(path: str | Path, create: bool = True) -> Path:
     """Create ``path`` (and its parents) if needed and prove it writable by writing a probe file.
-    Raises a one-line ``InputError`` naming the folder otherwise."""
+    Raises a one-line ``InputError`` naming the folder otherwise. ``create=False`` checks without
+    leaving anything behind: the folder if it exists, else its nearest existing parent (a command
+    line checks ``--out`` this way before it knows the rest of its arguments are good)."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise InputError(path, "exists and is not a folder; choose another --out")
+    probe_dir = path
+    if not create:
+        while not probe_dir.exists() and probe_dir != probe_dir.parent:
+            probe_dir = probe_dir.parent
+        if not probe_dir.is_dir():
+            raise InputError(path, f"cannot be created: {probe_dir} is not a folder; choose another --out")
     try:
-        path.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".mammocad-probe.", suffix=".part", dir=path)
+        if create:
+            path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".mammocad-probe.", suffix=".part", dir=probe_dir)
         os.close(fd)
         os.unlink(probe)
     except OSError as exc:
@@ -73,6 +82,10 @@ def claim_output_dir(path: str | Path, command: str) -> Iterator[Path]:
     mark it as written by ``command``. A second run into the same folder gets a one-line error."""
     from mammocad import __version__
 
+    # only a folder this run creates, or finds empty, becomes "a mammocad output": a user's own folder
+    # given as --out (holding their images, say) must stay visible to later input discovery
+    path = Path(path)
+    fresh = not path.exists() or (path.is_dir() and not any(p.name != LOCK_FILE for p in path.iterdir()))
     path = check_output_dir(path)
     lock_path = path / LOCK_FILE
     fh = open(lock_path, "a+", encoding="utf-8")
@@ -87,7 +100,7 @@ def claim_output_dir(path: str | Path, command: str) -> Iterator[Path]:
         fh.write(f"{command} pid {os.getpid()}\n")
         fh.flush()
         marker = path / MARKER_FILE
-        if not marker.is_file():
+        if fresh and not marker.is_file():
             marker.write_text(json.dumps({"written_by": f"mammocad {command}", "mammocad_version": __version__}) + "\n",
                               encoding="utf-8")
         yield path
