@@ -15,6 +15,7 @@ from cbis_tree import FULL_SHAPE, mask_pixels, read_real_rows, write_cbis_tree, 
 from conftest import shared_path
 from mammocad.datasets.cbis_ddsm import (
     cases_from_rows,
+    check_csv_paths,
     find_case_description_csvs,
     read_case_description_csv,
     read_cbis_ddsm,
@@ -327,3 +328,26 @@ def test_missized_roi_mask_is_resized_with_warning_when_rasterized(tmp_path, cap
     lesion.mask_path = str(_write_mask(tmp_path / f"square{suffix}", full[:48, :48].copy()))
     with pytest.raises(AnnotationError, match=rf"square{suffix}: mask size 48x48 does not match image size 48x64"):
         rasterize_lesion(lesion, FULL_SHAPE)
+
+
+def test_csv_paths_leaving_the_dataset_folder_are_refused_unless_allowed(tmp_path):
+    """A CSV whose paths climb out of raw_dir (`../`) would make prepare read (and copy) files the
+    user never pointed at: refused with the CSV, its line and the path named (issue 6)."""
+    raw = tmp_path / "raw"
+    folder = "Mass-Training_P_00001_LEFT_CC"
+    row = _row().replace(f" {folder}/1.2/1.3/000000.dcm ", f"../elsewhere/{folder}/1.2/1.3/000000.dcm")
+    csv_path = _synthetic_csv(raw, MASS_CSV, [row])
+    with pytest.raises(AnnotationError, match=rf"^{csv_path}:2: path '\.\./elsewhere/{folder}/1\.2/1\.3/000000\.dcm' leads outside"):
+        read_cbis_ddsm(raw)
+    outside = tmp_path / "elsewhere" / folder / "1.2" / "1.3" / "000000.dcm"
+    outside.parent.mkdir(parents=True)
+    write_dicom(outside, np.zeros(FULL_SHAPE, np.uint16), patient_id="P_00001")
+    for word in ("true", "1", "yes", True):
+        [case] = read_cbis_ddsm(raw, allow_outside_root=word)
+        assert case.image_path == str(raw / ".." / "elsewhere" / folder / "1.2" / "1.3" / "000000.dcm")
+    with pytest.raises(ConfigError, match="allow_outside_root"):
+        read_cbis_ddsm(raw, allow_outside_root="perhaps")
+    # Paths inside the folder (leading slash included, as some copies write them) are unaffected.
+    inside = _row().replace(f" {folder}/1.2/", f"/{folder}/sub/../1.2/")
+    _synthetic_csv(raw, MASS_CSV, [inside])
+    check_csv_paths(read_case_description_csv(raw / MASS_CSV), raw, False)

@@ -188,3 +188,27 @@ def test_coco_polygons_traced_from_real_busi_masks(tmp_path):
     # malignant (1) keeps only its largest part: the two 1-pixel specks are the whole difference.
     assert ious[2] == pytest.approx(90993 / 90995)
     assert cases[2].lesions[0].attributes["coco_parts"] == 3
+
+
+def test_image_paths_leaving_the_image_folder_are_refused_unless_allowed(tmp_path):
+    """An absolute or `../` file_name reads a file outside the dataset: refused, the JSON and the
+    path named, unless allow_outside_root (a string from -o, as the CLI gives it) (issue 6)."""
+    outside = write_image(tmp_path / "elsewhere" / "x.png")
+    root = tmp_path / "data"
+    write_image(root / "images" / "ok.png")
+    for file_name in (str(outside), "../elsewhere/x.png", "../../elsewhere/x.png"):
+        data = {"images": [{"id": 1, "file_name": "ok.png"}, {"id": 2, "file_name": file_name}],
+                "annotations": [], "categories": CATEGORIES}
+        (root / "instances.json").write_text(json.dumps(data))
+        with pytest.raises(AnnotationError, match=rf"^{root / 'instances.json'}: path '{file_name}' leads outside"):
+            read_coco(root)
+        for word in ("true", "1", "yes"):
+            cases = read_cases("coco", root, allow_outside_root=word)
+            assert [Path(c.image_path).resolve() for c in cases] == [(root / "images" / "ok.png").resolve(), outside.resolve()]
+    with pytest.raises(ConfigError, match="allow_outside_root"):
+        read_coco(root, allow_outside_root="sometimes")
+    # Inside the folder it is fine, even written absolute or with a detour.
+    data["images"][1]["file_name"] = str(root / "images" / "ok.png")
+    data["images"].append({"id": 3, "file_name": "../images/ok.png"})  # from images/ back into images/
+    (root / "instances.json").write_text(json.dumps(data))
+    assert len(read_coco(root)) == 3

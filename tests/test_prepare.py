@@ -384,27 +384,41 @@ class _InProcessPool:
 def test_worker_pool_limits_opencv_to_one_thread_per_worker(tmp_path, monkeypatch):
     from mammocad.datasets import prepare_run
 
-    before = cv2.getNumThreads()
+    import signal
+
+    before, sigint_before = cv2.getNumThreads(), signal.getsignal(signal.SIGINT)
     cv2.setNumThreads(4)  # what a 4-core machine gives each worker by default
     _InProcessPool.created.clear()
     monkeypatch.setattr(prepare_run, "ProcessPoolExecutor", _InProcessPool)
     try:
         report = prepare_and_check(make_folder_dataset(tmp_path / "raw"), tmp_path / "out", workers=2)
-        threads_in_worker = cv2.getNumThreads()
-    finally:
+        threads_in_worker, sigint_in_worker = cv2.getNumThreads(), signal.getsignal(signal.SIGINT)
+    finally:  # the initializer ran in this process: give it back its Ctrl-C
         cv2.setNumThreads(before)
+        signal.signal(signal.SIGINT, sigint_before)
     assert (report.n_done, report.n_failed) == (4, 0)
     assert len(_InProcessPool.created) == 1 and _InProcessPool.created[0]["max_workers"] == 2
     assert _InProcessPool.created[0]["initializer"] is prepare_run._init_worker
     assert threads_in_worker == 1
+    assert sigint_in_worker == signal.SIG_IGN  # workers leave Ctrl-C to the parent
 
 
-def _worker_state(case, out_dir: str) -> tuple[int, list[str], str]:
-    """Runs in a spawned worker: prepare one case, then report OpenCV's threads and any torch import."""
+def _worker_state(case, out_dir: str) -> tuple[int, list[str], str, bool]:
+    """Runs in a spawned worker: prepare one case, then report OpenCV's threads, any torch import and
+    whether SIGINT is ignored (Ctrl-C is the parent's to handle)."""
+    import signal
+
     from mammocad.datasets.prepare_run import prepare_case
 
     status, _ = prepare_case(case, out_dir, SPEC)
-    return cv2.getNumThreads(), sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")), status
+    return (cv2.getNumThreads(), sorted(m for m in sys.modules if m == "torch" or m.startswith("torch.")), status,
+            signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+
+
+def _sigint_ignored_here() -> bool:
+    import signal
+
+    return signal.getsignal(signal.SIGINT) == signal.SIG_IGN
 
 
 @pytest.mark.slow
@@ -417,5 +431,263 @@ def test_spawned_worker_runs_one_opencv_thread_and_never_imports_torch(tmp_path)
 
     case = read_folder(make_folder_dataset(tmp_path / "raw"))[0]
     with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"), initializer=_init_worker) as pool:
-        threads, torch_modules, status = pool.submit(_worker_state, case, str(tmp_path / "out")).result(timeout=120)
-    assert (threads, torch_modules, status) == (1, [], "done")
+        threads, torch_modules, status, ignores_sigint = pool.submit(_worker_state, case, str(tmp_path / "out")).result(timeout=120)
+    assert (threads, torch_modules, status, ignores_sigint) == (1, [], "done", True)
+
+
+@pytest.mark.slow
+def test_workers_started_by_prepare_ignore_sigint_from_their_first_instruction():
+    """A worker spawned while `_run_cases` submits inherits SIGINT ignored (an ignored signal stays
+    ignored across exec), so a Ctrl-C during its ~1 s of imports cannot kill it with a traceback
+    before its initializer runs; the parent's own handler is back afterwards."""
+    import multiprocessing
+    import signal
+    from concurrent.futures import ProcessPoolExecutor
+
+    from mammocad.datasets.prepare_run import _sigint_ignored
+
+    before = signal.getsignal(signal.SIGINT)
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))  # no initializer
+    try:
+        with _sigint_ignored():
+            fut = pool.submit(_sigint_ignored_here)
+        assert signal.getsignal(signal.SIGINT) is before
+        assert fut.result(timeout=120) is True
+    finally:
+        pool.shutdown()
+
+
+# ---- issue 6: lost ground truth, re-runs, --out, Ctrl-C ------------------------------------------
+def _coco_dataset(root: Path) -> Path:
+    """One left breast (a of FOLDER_CASES) as a COCO dataset with four lesions: 0 inside the breast,
+    1 in the empty corner the breast crop cuts away, 2 a polygon wholly outside the image (an
+    empty source annotation), 3 a lesion far smaller than one prepared pixel (kept, not lost)."""
+    make_folder_dataset(root, cases=FOLDER_CASES[:1])
+    def square(x0: float, y0: float, s: float) -> list[float]:
+        return [x0, y0, x0 + s, y0, x0 + s, y0 + s, x0, y0 + s]
+
+    polygons = [square(50, 80, 20), square(228, 4, 8), square(400, 400, 10), square(60.2, 150.2, 0.3)]
+    coco = {"images": [{"id": 1, "file_name": "a.png", "width": 240, "height": 300, "patient_id": "p1"}],
+            "annotations": [{"id": k, "image_id": 1, "category_id": 1, "segmentation": [poly]} for k, poly in enumerate(polygons)],
+            "categories": [{"id": 1, "name": "malignant mass"}]}
+    (root / "annotations.json").write_text(json.dumps(coco))
+    return root
+
+
+def test_lesions_lost_in_preprocessing_are_recorded_not_written_as_empty_masks(tmp_path):
+    from mammocad.datasets.prepared import prepare_dataset
+
+    raw = _coco_dataset(tmp_path / "raw")
+    report = prepare_dataset("coco", raw, tmp_path / "out", spec=SPEC, workers=1, progress=False,
+                             adapter_options={"json": "annotations.json", "image_dir": "images"})
+    assert report.n_failed == 0
+    entry = json.loads((tmp_path / "out" / "cases.jsonl").read_text())
+    assert entry["lost_lesions"] == {"1": "outside the prepared image (cropped away)", "2": "empty source annotation"}
+    assert entry["lesion_masks"][1] is None and entry["lesion_masks"][2] is None
+    assert entry["lesion_boxes"][1] is None and entry["lesion_boxes"][2] is None
+    assert not (tmp_path / "out" / "masks" / "a" / "lesion_1.png").exists()
+    assert not (tmp_path / "out" / "masks" / "a" / "lesion_2.png").exists()
+    ds = PreparedDataset(tmp_path / "out")
+    pc = ds.by_id("a")
+    assert pc.lost_lesions == {1: "outside the prepared image (cropped away)", 2: "empty source annotation"}
+    assert pc.unlocated_lesions == []
+    masks = ds.load_lesion_masks(pc)
+    assert masks[0].any() and masks[3].any() and masks[1] is None and masks[2] is None  # sub-pixel lesion 3 kept
+    assert "lesion 3: smaller than one prepared pixel; kept its most covered pixels" in pc.notes
+    assert pc.boxes[0] == list(mask_to_box(masks[0])) and pc.boxes[3] == list(mask_to_box(masks[3]))
+    assert np.array_equal(ds.load_union_mask(pc), masks[0] | masks[3])
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert (summary["lesions"], summary["lesions_with_mask"], summary["lesions_lost"]) == (4, 2, 2)
+    assert summary["lesions_lost_by_reason"] == {"empty source annotation": 1, "outside the prepared image (cropped away)": 1}
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    report.print_summary(console)
+    text = console.export_text()
+    assert "lesions lost in preprocessing" in text and "empty source annotation: 1" in text
+    # training reads the case (its lost lesions are known to be absent from the prepared image) and
+    # paints only the lesions that are there
+    from mammocad.sampling import load_samples
+
+    (sample,) = load_samples(ds, ["a"])
+    assert np.array_equal(sample.target > 0, masks[0] | masks[3])
+
+
+def test_unlocated_lesions_are_those_without_outline_that_are_not_lost(tmp_path):
+    """An old entry (no "lost_lesions") reads as nothing lost; a lesion without geometry is unlocated."""
+    from mammocad.datasets.prepared import PreparedCase
+    from mammocad.records import Case, Lesion
+
+    case = Case(case_id="x", patient_id="p", dataset="t", modality="MG", image_path="/x.png", label="malignant",
+                lesions=[Lesion(pathology="malignant", kind="mass"), Lesion(pathology="malignant", kind="mass", box=(1, 1, 3, 3)),
+                         Lesion(pathology="malignant", kind="mass", box=(4, 4, 6, 6))])
+    entry = {"case": case.to_dict(), "geometry": {"source_size": [8, 8], "steps": []}, "image": "images/x.png",
+             "lesion_masks": [None, None, "masks/x/lesion_2.png"], "lesion_boxes": [None, None, [4.0, 4.0, 6.0, 6.0]],
+             "union_mask": "masks/x/union.png", "breast_mask": "masks/x/breast.png", "phash": "0" * 16}
+    old = PreparedCase.from_entry(tmp_path, entry)
+    assert old.lost_lesions == {} and old.unlocated_lesions == [0, 1]
+    new = PreparedCase.from_entry(tmp_path, {**entry, "lost_lesions": {"1": "empty source annotation"}})
+    assert new.lost_lesions == {1: "empty source annotation"} and new.unlocated_lesions == [0]
+    with pytest.raises(ValueError, match="lost_lesions"):  # a lesion with a mask cannot be lost
+        PreparedCase.from_entry(tmp_path, {**entry, "lost_lesions": {"2": "empty source annotation"}})
+
+
+def test_rerun_of_a_finished_dataset_with_two_workers_skips_everything(tmp_path):
+    """A re-run with nothing left to do used to crash: ProcessPoolExecutor(max_workers=0)."""
+    raw = make_folder_dataset(tmp_path / "raw")
+    out = tmp_path / "out"
+    prepare_and_check(raw, out)
+    again = prepare_and_check(raw, out, workers=2)
+    assert (again.n_done, again.n_skipped, again.n_failed) == (0, 4, 0)
+    result = CliRunner().invoke(app, ["prepare", "folder", str(raw), str(out), "--size", "256", "--workers", "2"])
+    assert result.exit_code == 0, result.output
+
+
+def test_unwritable_out_is_one_line_error_before_any_work(tmp_path, monkeypatch, capsys):
+    from mammocad.cli import main
+    from mammocad.datasets import prepare_run, registry
+
+    raw = make_folder_dataset(tmp_path / "raw", cases=FOLDER_CASES[:1])
+    monkeypatch.setattr(registry, "read_cases", lambda *a, **k: pytest.fail("the adapter ran before --out was checked"))
+    monkeypatch.setattr(prepare_run, "prepare_case", lambda *a: pytest.fail("a case was prepared"))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out in (a_file, a_file / "sub"):  # an existing file, a folder that would lie under a file
+        with pytest.raises(SystemExit) as exited:
+            main(["prepare", "folder", str(raw), str(out), "--size", "256", "--workers", "1"])
+        err = capsys.readouterr().err
+        assert exited.value.code == 1 and err.startswith(f"mammocad: {out}: ") and err.count("\n") == 1, err
+
+
+def test_read_only_out_is_one_line_error(tmp_path):
+    raw = make_folder_dataset(tmp_path / "raw", cases=FOLDER_CASES[:1])
+    read_only = tmp_path / "read_only"
+    read_only.mkdir()
+    read_only.chmod(0o555)
+    try:
+        if os.access(read_only, os.W_OK):
+            pytest.skip("running as root: a read-only folder is still writable (test_unwritable_out_is_one_line_error_before_any_work covers --out as a file)")
+        with pytest.raises(InputError, match="cannot write here"):
+            prepare_and_check(raw, read_only)
+    finally:
+        read_only.chmod(0o755)
+
+
+def test_a_second_prepare_into_the_same_folder_is_refused(tmp_path):
+    from mammocad.io.outdir import claim_output_dir
+
+    raw = make_folder_dataset(tmp_path / "raw", cases=FOLDER_CASES[:1])
+    out = tmp_path / "out"
+    # A first run holding the folder (flock locks are per open file, so this process can play both).
+    with claim_output_dir(out, "prepare"), pytest.raises(InputError, match="another mammocad run is writing"):
+        prepare_and_check(raw, out)
+    assert prepare_and_check(raw, out).n_done == 1
+
+
+def _first_case_fast_others_stuck(case, out_dir, spec):
+    """Runs in a spawned worker: case a is prepared, every other case hangs as a huge image would."""
+    import time
+
+    from mammocad.datasets.prepare_run import prepare_case
+
+    if case.case_id != "a":
+        time.sleep(60)
+    return prepare_case(case, out_dir, spec)
+
+
+@pytest.mark.slow
+def test_interrupt_terminates_running_workers_instead_of_waiting_for_them(tmp_path, monkeypatch):
+    """Ctrl-C while workers are busy: the KeyboardInterrupt comes back at once (the workers are
+    terminated, not waited for), the finished case stays and no worker process is left."""
+    import multiprocessing
+    import signal
+    import threading
+    import time
+
+    from mammocad.datasets import prepare_run
+
+    raw = make_folder_dataset(tmp_path / "raw")
+    out = tmp_path / "out"
+    monkeypatch.setattr(prepare_run, "prepare_case", _first_case_fast_others_stuck)
+    fired: list[float] = []
+    running = threading.Event()
+
+    def interrupt_after_first_case() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and running.is_set():  # never interrupt pytest itself afterwards
+            if (out / "cases.jsonl").is_file() and (out / "cases.jsonl").read_text().count("\n") >= 1:
+                fired.append(time.monotonic())
+                os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C does to the parent
+                return
+            time.sleep(0.02)
+
+    running.set()
+    threading.Thread(target=interrupt_after_first_case, daemon=True).start()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            prepare_and_check(raw, out, workers=2)
+    finally:
+        running.clear()
+    assert fired and time.monotonic() - fired[0] < 3.0, "the run waited for the stuck workers"
+    deadline = time.monotonic() + 5
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not multiprocessing.active_children()
+    assert [pc.case_id for pc in PreparedDataset(out).cases] == ["a"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_terminal_exits_130_and_a_rerun_skips_finished_cases(tmp_path):
+    """Ctrl-C in a terminal (SIGINT to the whole process group) during `mammocad prepare --workers 2`:
+    exit 130 within seconds with `mammocad: interrupted` and no worker tracebacks; the cases
+    finished before it stay and a re-run skips them."""
+    import signal
+    import time
+
+    big = [(f"c{i:02d}", f"p{i // 2}", "LR"[i % 2], "benign", [(500.0, 900.0, 80.0)] if i % 2 == 0 else [(1100.0, 900.0, 80.0)])
+           for i in range(14)]
+    raw = make_folder_dataset(tmp_path / "raw", cases=big, h=2000, w=1600)
+    out = tmp_path / "out"
+    proc = subprocess.Popen([sys.executable, "-m", "mammocad.cli", "prepare", "folder", str(raw), str(out), "--size", "256",
+                             "--workers", "2"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            start_new_session=True)  # its own process group, as a shell job has
+    try:
+        deadline = time.monotonic() + 120
+        while not ((out / "cases.jsonl").is_file() and (out / "cases.jsonl").read_text().count("\n") >= 1):
+            assert proc.poll() is None and time.monotonic() < deadline, "prepare ended before its first case"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal sends Ctrl-C to every process of the job
+        sent = time.monotonic()
+        _, stderr = proc.communicate(timeout=30)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr
+    assert "mammocad: interrupted" in stderr and "Traceback" not in stderr, stderr
+    assert took < 3.0, f"took {took:.1f} s to stop"
+    done = [json.loads(line)["case"]["case_id"] for line in (out / "cases.jsonl").read_text().splitlines()]
+    assert 1 <= len(done) < len(big)
+    report = prepare_and_check(raw, out)
+    assert (report.n_skipped, report.n_done, report.n_failed) == (len(done), len(big) - len(done), 0)
+
+
+def test_folders_prepared_before_issue_6_are_read_as_they_were_made(tmp_path):
+    """spec.json without intensity_percentile meant the breast maximum; entries without lost_lesions
+    may hold empty masks of lost lesions, so a re-run re-prepares them."""
+    raw = make_folder_dataset(tmp_path / "raw")
+    out = tmp_path / "out"
+    prepare_and_check(raw, out, spec=SPEC.model_copy(update={"intensity_percentile": 100.0}))
+    spec = json.loads((out / "spec.json").read_text())
+    del spec["preprocess"]["intensity_percentile"]
+    (out / "spec.json").write_text(json.dumps(spec))
+    assert PreparedDataset(out).spec.intensity_percentile == 100.0
+    with pytest.raises(ConfigError, match=r"preprocess\.intensity_percentile: 100\.0 -> 99\.5"):
+        prepare_and_check(raw, out)
+    lines = [json.loads(line) for line in (out / "cases.jsonl").read_text().splitlines()]
+    for entry in lines[:2]:
+        del entry["lost_lesions"]
+    (out / "cases.jsonl").write_text("".join(json.dumps(e) + "\n" for e in lines))
+    assert all(pc.lost_lesions == {} for pc in PreparedDataset(out).cases)
+    report = prepare_and_check(raw, out, spec=SPEC.model_copy(update={"intensity_percentile": 100.0}))
+    assert (report.n_done, report.n_skipped) == (2, 2)

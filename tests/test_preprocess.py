@@ -104,6 +104,56 @@ def test_marker_outside_breast_is_removed_and_kept_on_request():
     assert crop_of(cropped)[2] < lx0
 
 
+def test_a_bright_marker_inside_the_breast_no_longer_darkens_the_image():
+    """A clip or skin marker (a few very bright pixels) inside the breast: normalising to the breast
+    maximum divided every tissue value by the marker; the 99.5th percentile ignores it (issue 6)."""
+    image, inside, _ = draw_mammogram(chest_wall="left", bits=16)
+    image.pixels[:] = image.pixels // 4  # tissue well below the top of the range, as in most detectors
+    marked = image.pixels.copy()
+    ys, xs = np.nonzero(inside)
+    cy, cx = int(ys.mean()), int(xs.mean())
+    marked[cy:cy + 8, cx:cx + 8] = 65535  # a metal clip: 64 pixels, ~0.01% of the breast
+    with_marker = LoadedImage(pixels=marked, path=image.path, meta=image.meta)
+    spec = PreprocessSpec(long_side=None, crop_to_breast=False)
+    assert spec.intensity_percentile == 99.5
+    clean, clipped = preprocess_image(image, spec), preprocess_image(with_marker, spec)
+    tissue = clean.breast_mask.copy()
+    tissue[cy - 2:cy + 10, cx - 2:cx + 10] = False
+    median_clean, median_marked = float(np.median(clean.pixels[tissue])), float(np.median(clipped.pixels[tissue]))
+    assert median_clean > 0.4 and median_marked == pytest.approx(median_clean, rel=0.01)
+    assert clipped.pixels[cy + 2:cy + 6, cx + 2:cx + 6].min() == 1.0  # the marker clips at 1
+    old = preprocess_image(with_marker, spec.model_copy(update={"intensity_percentile": 100.0}))  # the breast maximum
+    assert float(np.median(old.pixels[tissue])) < 0.5 * median_clean
+    old_clean = preprocess_image(image, spec.model_copy(update={"intensity_percentile": 100.0}))
+    assert float(np.max(old_clean.pixels[clean.breast_mask])) == 1.0  # 100 = exactly the old behaviour
+
+
+def test_intensity_percentile_is_validated_recorded_and_old_records_mean_the_maximum():
+    for bad in (49.9, 100.1, -1):
+        with pytest.raises(ValueError, match="intensity_percentile"):
+            PreprocessSpec(intensity_percentile=bad)
+    spec = PreprocessSpec(intensity_percentile=99.0)
+    assert spec.model_dump(mode="json")["intensity_percentile"] == 99.0
+    assert PreprocessSpec.model_validate_json(spec.model_dump_json()) == spec
+    legacy = PreprocessSpec().model_dump(mode="json")
+    del legacy["intensity_percentile"]  # a spec.json / model card written before the field existed
+    assert PreprocessSpec.from_record(legacy).intensity_percentile == 100.0
+    assert PreprocessSpec.from_record(spec.model_dump(mode="json")) == spec
+
+
+def test_shipped_models_keep_the_preprocessing_they_were_trained_with():
+    """The shipped bundles were trained and measured with the breast maximum: their cards say 100."""
+    import json
+    from pathlib import Path
+
+    import mammocad
+
+    cards = sorted((Path(mammocad.__file__).parent / "bundles").glob("*/model.json"))
+    assert len(cards) == 2
+    for card in cards:
+        assert json.loads(card.read_text())["preprocessing"]["intensity_percentile"] == 100.0, card
+
+
 @pytest.mark.parametrize("option,shape", [("512", None), ("1024", None), ("1024x1024", (1024, 1024)), ("2750x1100", (2750, 1100))])
 def test_size_presets(option, shape):
     image, truth, _ = draw_mammogram(chest_wall="right", h=900, w=700)

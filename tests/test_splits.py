@@ -156,34 +156,54 @@ def official_cases() -> tuple[list[Case], list[str]]:
     return cases, crossing
 
 
-def test_official_split_reports_crossing_patients(tmp_path):
+def test_official_split_keep_crossing_keeps_them_and_the_audit_fails(tmp_path):
     cases, crossing = official_cases()
     root = write_records(tmp_path / "prep", cases)
-    data = make_splits(root, val=0.2, official=True, seed=0).data
+    result = make_splits(root, val=0.2, official=True, seed=0, keep_crossing=True)
+    data = result.data
     assert data["method"] == "official" and data["crossing_patients"] == crossing and data["dropped"]["patients"] == []
+    assert data["parameters"]["keep_crossing"] is True
     fold = data["folds"][0]
     assert fold["test"] == sorted(c.case_id for c in cases if c.split == "test")  # official test kept as is
     assert {c.split for c in cases if c.case_id in fold["val"]} == {"train"}  # val carved out of train
     report = audit_splits(root)
     assert not report.ok
     assert sorted(leak["patient_id"] for leak in report.leaks if leak["kind"] == "patient") == crossing
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    result.print_summary(console)
+    assert "3 patients are in both official splits, KEPT" in console.export_text()
 
 
-def test_official_drop_crossing(tmp_path):
+def test_official_split_drops_crossing_patients_by_default(tmp_path):
+    """Patients in both official splits leak; the default removes them from both (issue 6)."""
     cases, crossing = official_cases()
     root = write_records(tmp_path / "prep", cases)
-    data = make_splits(root, val=0.2, official=True, drop_crossing=True).data
+    result = make_splits(root, val=0.2, official=True)
+    data = result.data
     assert data["dropped"]["patients"] == crossing and "both" in data["dropped"]["reason"]
+    assert data["parameters"]["keep_crossing"] is False
     assigned = {cid for name in ("train", "val", "test") for cid in data["folds"][0][name]}
     assert not {c.case_id for c in cases if c.patient_id in crossing} & assigned
     assert len(assigned) == sum(c.patient_id not in crossing for c in cases)
     assert audit_splits(root).ok
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    result.print_summary(console)
+    assert "3 patients are in both official splits, dropped from both" in console.export_text()
+    cli = CliRunner().invoke(app, ["split", str(root), "--official", "--val", "0.2", "--out", str(tmp_path / "cli.json")])
+    assert cli.exit_code == 0, cli.output
+    assert json.loads((tmp_path / "cli.json").read_text())["dropped"]["patients"] == crossing
 
 
 def test_official_needs_source_split(tmp_path):
     root = write_records(tmp_path / "prep", synthetic_cases(10))
     with pytest.raises(ConfigError, match="official"):
         make_splits(root, official=True)
+    with pytest.raises(ConfigError, match="--keep-crossing"):
+        make_splits(root, keep_crossing=True)
     with pytest.raises(ConfigError):
         make_splits(root, folds=1)
     with pytest.raises(ConfigError):

@@ -339,6 +339,39 @@ def test_bad_options_are_one_line_errors(tmp_path):
             write_synthetic_study(tmp_path / "x", size=(128, 104), **kwargs)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    ({"size": (0, 832)}, "height: must be between 64 and 8192 pixels, got 0"),
+    ({"size": (1024, 0)}, "width: must be between 64 and 8192 pixels, got 0"),
+    ({"size": (-5, 832)}, "height"),
+    ({"size": (63, 832)}, "height"),
+    ({"size": (1024, 100_000)}, "width: must be between 64 and 8192 pixels, got 100000"),
+    ({"size": (512.5, 416)}, "height: must be a whole number"),
+    ({"size": (512,)}, "size"),
+    ({"n": 10**9}, "n: must be a whole number from 1 to"),
+    ({"n": -1}, "n"),
+])
+def test_absurd_sizes_are_one_line_config_errors_before_any_work(tmp_path, kwargs, match):
+    with pytest.raises(ConfigError, match=match):
+        write_synthetic_study(tmp_path / "x", **{"size": (128, 104), **kwargs})
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("flag, value", [("--height", "0"), ("--width", "0"), ("--height", "100000")])
+def test_cli_synth_bad_size_is_one_line(tmp_path, capsys, flag, value):
+    from mammocad.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["synth", str(tmp_path / "cli"), "--n", "1", flag, value])
+    err = capsys.readouterr().err
+    assert exited.value.code == 1 and err.startswith(f"mammocad: {flag[2:]}: must be between") and err.count("\n") == 1, err
+
+
+def test_smallest_and_non_square_sizes_still_work(tmp_path):
+    write_synthetic_study(tmp_path / "s", n=1, size=(64, 64), layout="folder")
+    write_synthetic_study(tmp_path / "t", n=1, size=(np.int64(96), 80.0), layout="folder")
+    assert (tmp_path / "t" / "folder" / "labels.csv").is_file()
+
+
 def test_cli_synth(tmp_path, capsys):
     from mammocad.cli import main
 

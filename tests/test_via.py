@@ -227,3 +227,31 @@ def test_adapters_share_the_helpers_of_datasets_common():
         common.check_options("x", {"a": 1, "b": 2}, iter(("c", "a")))
     with pytest.raises(ConfigError, match=r"^x: unknown option\(s\) b; the x adapter takes no options$"):
         common.check_options("x", {"b": 2}, ())
+
+
+def test_image_paths_leaving_the_image_folder_are_refused_unless_allowed(tmp_path):
+    """An absolute or `../` filename would read a file outside the dataset: refused, the JSON and the
+    path named, unless allow_outside_root (issue 6)."""
+    outside = write_image(tmp_path / "elsewhere" / "x.png")
+    root = tmp_path / "data"
+    write_image(root / "ok.png")
+    for filename in (str(outside), "../elsewhere/x.png"):
+        meta = {"ok": {"filename": "ok.png", "regions": [region(CIRCLE)]},
+                "x": {"filename": filename, "regions": [region(CIRCLE)]}}
+        (root / "via.json").write_text(json.dumps({"_via_img_metadata": meta}))
+        with pytest.raises(AnnotationError, match=rf"^{root / 'via.json'}: path '{filename}' leads outside"):
+            read_via(root)
+        cases = read_cases("via", root, allow_outside_root="yes")
+        assert [Path(c.image_path).resolve() for c in cases] == [(root / "ok.png").resolve(), outside.resolve()]
+    with pytest.raises(ConfigError, match="allow_outside_root"):
+        read_via(root, allow_outside_root="2")
+
+
+@pytest.mark.parametrize("adapter", ["mias", "busi", "folder"])
+def test_every_adapter_accepts_allow_outside_root(tmp_path, adapter):
+    """`prepare --allow-outside-root` sets the option whatever the adapter: those whose annotations
+    name no paths accept it (and check its value) rather than calling it an unknown option."""
+    with pytest.raises(ConfigError, match="allow_outside_root"):
+        read_cases(adapter, tmp_path, allow_outside_root="maybe")
+    with pytest.raises(InputError):  # past the option check: the empty folder is the error
+        read_cases(adapter, tmp_path, allow_outside_root="true")

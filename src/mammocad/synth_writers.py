@@ -58,6 +58,11 @@ CALC_HEADER = ["patient_id", "breast density", "left or right breast", "image vi
                "calc type", "calc distribution", "assessment", "pathology", "subtlety", "image file path",
                "cropped image file path", "ROI mask file path"]  # sic: "breast density" here, "breast_density" for masses
 STUDY_DATE = "20160720"
+# Image sides the generator accepts: below 64 pixels there is no room for a breast with lesions;
+# 8192 is beyond every mammography detector (the finest, 50 um over 24 x 30 cm, is 4800 x 6000)
+# and a float32 image of 8192^2 already takes 256 MiB, several such buffers while drawing.
+MIN_SIDE, MAX_SIDE = 64, 8192
+MAX_IMAGES = 100_000  # more is a typo, not a test set (at 1024 x 832 it would fill ~170 GB)
 
 
 # ------------------------------------------------------------------------------------ DICOM
@@ -207,10 +212,28 @@ def stored_values(image: np.ndarray) -> np.ndarray:
     return np.round(np.clip(image, 0.0, 1.0) * MAX_STORED).astype(np.uint16)
 
 
+def check_size(size: Any) -> tuple[int, int]:
+    """(height, width) as ints within [MIN_SIDE, MAX_SIDE]; a one-line ConfigError naming the side
+    otherwise (not a traceback from deep inside the generator, nor hours of work for a typo)."""
+    try:
+        h, w = size
+    except (TypeError, ValueError):
+        raise ConfigError("size", f"expected (height, width), got {size!r}") from None
+    out = []
+    for name, value in (("height", h), ("width", w)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) and not (isinstance(value, float) and value.is_integer()):
+            raise ConfigError(name, f"must be a whole number of pixels, got {value!r}")
+        if not MIN_SIDE <= int(value) <= MAX_SIDE:
+            raise ConfigError(name, f"must be between {MIN_SIDE} and {MAX_SIDE} pixels, got {int(value)}")
+        out.append(int(value))
+    return out[0], out[1]
+
+
 def write_synthetic_dicom(path: str | Path, rng: np.random.Generator, size: tuple[int, int] = (4084, 3328),
                           photometric: str = "MONOCHROME2", transfer_syntax: str = "jpeg-lossless",
                           laterality: str | None = None, view: str | None = None) -> SyntheticMammogram:
     """Draw one mammogram and write it as one MG DICOM file (benchmarks, demos); returns it."""
+    size = check_size(size)
     laterality = laterality or str(rng.choice(["L", "R"]))
     view = view or str(rng.choice(["CC", "MLO"]))
     mammo = synthesize_mammogram(rng, size=size, laterality=laterality, view=view)
@@ -402,8 +425,9 @@ def write_synthetic_study(out: str | Path, n: int = 8, seed: int = 0, size: tupl
         raise ConfigError("transfer_syntax", f"must be one of {', '.join(TRANSFER_SYNTAXES)}, got {transfer_syntax!r}")
     if photometric is not None and photometric not in PHOTOMETRICS:
         raise ConfigError("photometric", f"must be MONOCHROME2, MONOCHROME1 or unset, got {photometric!r}")
-    if int(n) < 1:
-        raise ConfigError("n", f"must be at least 1, got {n}")
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= MAX_IMAGES:
+        raise ConfigError("n", f"must be a whole number from 1 to {MAX_IMAGES}, got {n!r}")
+    size = check_size(size)
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise InputError(out, "exists and is not a folder")

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import pydicom
 
-from mammocad.datasets.common import check_options
+from mammocad.datasets.common import ALLOW_OUTSIDE_ROOT, bool_option, check_options, path_in_root
 from mammocad.datasets.rasterize import read_mask_values
 from mammocad.datasets.registry import register_adapter
 from mammocad.errors import AnnotationError, ConfigError, InputError, MammocadError
@@ -61,6 +61,7 @@ DESCRIPTIVE_COLUMNS = {
     "calc distribution": "calc_distribution",
 }
 PATHOLOGY_WORDS = ("MALIGNANT", "BENIGN", "BENIGN_WITHOUT_CALLBACK")
+PATH_COLUMNS = ("image file path", "cropped image file path", "roi mask file path")
 KINDS = {"mass": "mass", "calcification": "calcification", "calc": "calcification"}
 LAYOUTS = ("auto", "csv", "nbia")
 CASE_FOLDER_RE = re.compile(r"^(mass|calc)-(training|test)_", re.IGNORECASE)
@@ -154,6 +155,19 @@ def _int_or_none(value: str | None) -> int | None:
 
 def _csv_relpath(value: str | None) -> str | None:
     return None if value is None else value.replace("\\", "/").strip("/")
+
+
+def check_csv_paths(rows: list[CsvRow], raw_dir: Path, allow_outside_root: bool) -> None:
+    """Refuse a CSV whose file paths climb out of ``raw_dir`` (``../``): one AnnotationError naming
+    the CSV, its line and the path (see ``common.path_in_root``). Leading slashes are already
+    read as relative to ``raw_dir`` (``_csv_relpath``), as the official CSVs are."""
+    if allow_outside_root:
+        return
+    for row in rows:
+        for column in PATH_COLUMNS:
+            rel = _csv_relpath(row.get(column))
+            if rel:
+                path_in_root(rel, raw_dir, f"{row.csv_path}:{row.line}", False)
 
 
 def _image_key(row: CsvRow) -> tuple[str | None, str, str, str]:
@@ -395,16 +409,19 @@ def read_cbis_ddsm(
     csv_dir: Path | str | None = None,
     benign_without_callback: str = "benign",
     layout: str = "auto",
+    allow_outside_root: bool | str = False,
     **unknown: Any,
 ) -> list[Case]:
     """Cases of a CBIS-DDSM download: CSVs in ``csv_dir`` (default ``raw_dir``), DICOMs under ``raw_dir``.
 
     ``benign_without_callback``: benign (default) | unknown | malignant, the pathology given to
     BENIGN_WITHOUT_CALLBACK rows. ``layout``: auto | csv | nbia (see the module docstring).
+    ``allow_outside_root``: read CSV paths that climb out of ``raw_dir`` (``../``); refused by default.
     Images missing on disk are skipped with a warning; InputError when none is found. Any other
     option is a ConfigError (a typo must not be ignored).
     """
     check_options(DATASET, unknown, ("csv_dir", "benign_without_callback", "layout"))
+    allow_outside = bool_option({ALLOW_OUTSIDE_ROOT: allow_outside_root}, ALLOW_OUTSIDE_ROOT)
     raw_dir = Path(raw_dir)
     layout = str(layout).strip().lower()
     if layout not in LAYOUTS:
@@ -417,6 +434,7 @@ def read_cbis_ddsm(
     if not csv_paths:
         raise InputError(csv_folder, "no CBIS-DDSM case-description CSV (*case_description*.csv) in this folder")
     rows = [row for path in csv_paths for row in read_case_description_csv(path)]
+    check_csv_paths(rows, raw_dir, allow_outside)
     cases = cases_from_rows(rows, benign_without_callback)
     index = index_case_folders(raw_dir)
     found = [case for case in cases if _resolve_case(case, raw_dir, index, layout)]

@@ -26,11 +26,15 @@ import cv2
 import numpy as np
 
 from mammocad.datasets.common import (
+    ALLOW_OUTSIDE_ROOT,
+    bool_option,
     check_options,
     find_json,
     kind_from_word,
+    leads_outside,
     load_json,
     parse_modality,
+    path_in_root,
     pathology_from_word,
     resolve_dir,
     unique_case_id,
@@ -136,13 +140,16 @@ def _require_list(data: dict[str, Any], key: str, source: Path) -> list[Any]:
 def read_coco(raw_dir: Path, **options: Any) -> list[Case]:
     """Cases from a COCO JSON. Options (strings): json, image_dir (default: the JSON's folder, or
     ``images/`` beside it), modality (MG|US, default MG), patient_field (key of the image record
-    holding the patient id; default 'patient_id' when present, else the image stem), dataset."""
+    holding the patient id; default 'patient_id' when present, else the image stem), dataset,
+    allow_outside_root (read a ``file_name`` that leads outside the image folder: absolute or ``..``;
+    refused by default)."""
     check_options("coco", options, ("json", "image_dir", "modality", "patient_field", "dataset"))
     raw_dir = Path(raw_dir)
     json_path = find_json(raw_dir, options.get("json"), subfolders=("annotations",))
     modality = parse_modality(options.get("modality", "MG"), "coco")
     dataset = options.get("dataset") or "coco"
     patient_field = options.get("patient_field") or None
+    allow_outside = bool_option(options, ALLOW_OUTSIDE_ROOT)
     if options.get("image_dir"):
         image_dirs = [resolve_dir(options["image_dir"], json_path.parent, json_path.parent)]
     else:
@@ -179,7 +186,10 @@ def read_coco(raw_dir: Path, **options: Any) -> list[Case]:
             continue
         seen_image_ids.add(img["id"])
         file_name = str(img["file_name"])
-        image_path = next((d / file_name for d in image_dirs if (d / file_name).is_file()), None)
+        dirs = image_dirs if allow_outside else [d for d in image_dirs if not leads_outside(file_name, d)]
+        if not dirs:
+            path_in_root(file_name, image_dirs[0], json_path, allow_outside)  # raises: names the file and the path
+        image_path = next((d / file_name for d in dirs if (d / file_name).is_file()), None)
         if image_path is None:
             log.warning("%s: image %s not found in %s; skipped", json_path, file_name, ", ".join(map(str, image_dirs)))
             continue

@@ -1,10 +1,12 @@
 """Helpers the dataset adapters share, so that every adapter parses options and reads
 benign/malignant/normal words the same way: option checking, class-word mapping, JSON reading,
-folder options and unique case ids."""
+folder options, unique case ids, and the check that paths written in annotation files stay inside
+the dataset."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Iterable
@@ -25,13 +27,61 @@ _KIND_WORDS = {
 }
 
 
+# The option every adapter accepts (``prepare --allow-outside-root`` sets it for any dataset): read
+# paths written in annotation files even when they lead outside the dataset's folder. Adapters whose
+# annotations name no paths (MIAS, BUSI, folder) have nothing to check and ignore it.
+ALLOW_OUTSIDE_ROOT = "allow_outside_root"
+_TRUE_WORDS, _FALSE_WORDS = {"true", "1", "yes", "on"}, {"false", "0", "no", "off", ""}
+
+
 def check_options(adapter: str, options: dict[str, Any], allowed: Iterable[str]) -> None:
-    """Options come from ``-o key=value`` on the command line: refuse typos instead of ignoring them."""
+    """Options come from ``-o key=value`` on the command line: refuse typos instead of ignoring them.
+    ``allow_outside_root`` is accepted by every adapter (and its value checked)."""
+    if ALLOW_OUTSIDE_ROOT in options:
+        bool_option(options, ALLOW_OUTSIDE_ROOT)
     allowed = sorted(set(allowed))
-    unknown = sorted(set(options) - set(allowed))
+    unknown = sorted(set(options) - set(allowed) - {ALLOW_OUTSIDE_ROOT})
     if unknown:
         known = f"known: {', '.join(allowed)}" if allowed else f"the {adapter} adapter takes no options"
         raise ConfigError(adapter, f"unknown option(s) {', '.join(unknown)}; {known}")
+
+
+def bool_option(options: dict[str, Any], key: str, default: bool = False) -> bool:
+    """A yes/no option: a bool, or the strings ``-o key=value`` gives (true/1/yes/on, false/0/no/off)."""
+    value = options.get(key, default)
+    if isinstance(value, bool):
+        return value
+    word = str(value).strip().lower()
+    if word in _TRUE_WORDS or word in _FALSE_WORDS:
+        return word in _TRUE_WORDS
+    raise ConfigError(key, f"must be true or false (also 1/0, yes/no), got {value!r}")
+
+
+def leads_outside(written: str | Path, root: Path) -> bool:
+    """Whether ``root / written`` lies outside ``root``, by the written path alone (``..`` and
+    absolute paths resolved lexically; the disk is not consulted)."""
+    base = os.path.normpath(os.path.abspath(root))
+    target = os.path.normpath(os.path.abspath(root / written))
+    try:
+        return os.path.commonpath([base, target]) != base
+    except ValueError:  # another drive (Windows)
+        return True
+
+
+def path_in_root(written: str | Path, root: Path, annotation_file: str | Path, allow_outside_root: bool) -> Path:
+    """``root / written`` for a path an annotation file names (an absolute one stays as it is).
+
+    A path that leads outside ``root`` (absolute elsewhere, or climbing out with ``..``) is refused
+    with an AnnotationError naming the annotation file and the path, unless ``allow_outside_root``:
+    a shared or downloaded annotation file must not make us read (and copy into a prepared dataset
+    or a report) files the user never pointed us at. The test is on the written path, not on the
+    disk (symlinks inside the dataset are the user's own choice and are followed).
+    """
+    path = root / written  # an absolute ``written`` replaces root
+    if not allow_outside_root and leads_outside(written, root):
+        raise AnnotationError(annotation_file, f"path {str(written)!r} leads outside {root}; refused "
+                                               f"(use --allow-outside-root, or -o {ALLOW_OUTSIDE_ROOT}=true, to read it)")
+    return path
 
 
 def parse_modality(value: Any, source: str) -> str:

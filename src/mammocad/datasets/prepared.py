@@ -8,7 +8,7 @@
                            one OUT never mixes two preprocessings.
       images/<stem>.png    16-bit PNG of the preprocessed [0, 1] image (``float_to_uint16``)
       masks/<stem>/lesion_<k>.png   0/255 mask of lesion k (index in ``Case.lesions``) on the
-                                    prepared grid, for every lesion WITH geometry
+                                    prepared grid, for every lesion WITH geometry that is not lost
       masks/<stem>/union.png        union of all lesions (every case; empty for normals)
       masks/<stem>/breast.png       breast (MG) / scan-area (US) mask
       cases.jsonl          one line per prepared case, sorted by case id:
@@ -16,12 +16,18 @@
                             "image": "images/<stem>.png", "lesion_masks": [path | null per lesion],
                             "union_mask": path, "breast_mask": path, "notes": [...],
                             "lesion_boxes": [[x0, y0, x1, y1] | null per lesion, prepared grid],
+                            "lost_lesions": {"<k>": "<reason>"},
                             "phash": "<16 hex digits>", "phash256": "<64 hex digits>",
                             "laterality_from_pixels": "L" | "R" | null}
                            (the hashes are of the prepared image, for the near-duplicate audit)
+                           A LOST lesion has an outline in the source but nothing of it on the
+                           prepared grid ("empty source annotation", "outside the prepared image
+                           (cropped away)"): it has no mask file (path and box null) and is known
+                           to be absent from the prepared image, unlike a lesion without any
+                           outline, whose true extent is unknown (``PreparedCase.unlocated_lesions``).
       failed.jsonl         {"case_id", "image_path", "error"} per case that failed in the LAST run
-      summary.json         counts (cases, patients, lesions, by label / pathology / kind, failed),
-                           seconds taken
+      summary.json         counts (cases, patients, lesions, lesions_lost and lesions_lost_by_reason,
+                           by label / pathology / kind, failed), seconds taken
       splits.json          written later by ``mammocad split`` (see ``splits.py``)
 
 ``<stem>`` is the case id when it is a safe file name (letters, digits, ``._-``), otherwise the id
@@ -37,7 +43,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -98,7 +104,7 @@ class PreparedCase:
     case: Case
     geometry: Geometry
     image_path: Path
-    lesion_mask_paths: list[Path | None]  # one per lesion of ``case``; None for lesions without geometry
+    lesion_mask_paths: list[Path | None]  # one per lesion of ``case``; None without geometry or when lost
     union_mask_path: Path
     breast_mask_path: Path
     notes: list[str]
@@ -106,6 +112,9 @@ class PreparedCase:
     phash: str
     laterality_from_pixels: str | None = None
     phash256: str | None = None  # finer hash confirming near-duplicate candidates (dedup.py)
+    # Lesion index -> why preprocessing lost it (see the module docstring); empty in entries written
+    # before lost lesions were recorded.
+    lost_lesions: dict[int, str] = field(default_factory=dict)
 
     @property
     def case_id(self) -> str:
@@ -120,6 +129,12 @@ class PreparedCase:
         return self.case.label
 
     @property
+    def unlocated_lesions(self) -> list[int]:
+        """Indices of lesions with no outline on the prepared grid that are NOT lost: their true
+        foreground is unknown (a lost lesion is known to be absent from the prepared image)."""
+        return [k for k, p in enumerate(self.lesion_mask_paths) if p is None and k not in self.lost_lesions]
+
+    @property
     def size(self) -> tuple[int, int]:
         """(height, width) of the prepared image."""
         return self.geometry.size
@@ -131,6 +146,9 @@ class PreparedCase:
         if len(masks) != len(case.lesions) or len(entry["lesion_boxes"]) != len(case.lesions):
             raise ValueError(f"case {case.case_id}: {len(case.lesions)} lesions but {len(masks)} masks / "
                              f"{len(entry['lesion_boxes'])} boxes")
+        lost = {int(k): str(why) for k, why in (entry.get("lost_lesions") or {}).items()}
+        if any(not 0 <= k < len(masks) or masks[k] is not None for k in lost):
+            raise ValueError(f"case {case.case_id}: lost_lesions {sorted(lost)} are not lesions without a mask")
         return cls(
             case=case,
             geometry=Geometry.from_dict(entry["geometry"]),
@@ -143,6 +161,7 @@ class PreparedCase:
             phash=str(entry["phash"]),
             laterality_from_pixels=entry.get("laterality_from_pixels"),
             phash256=entry.get("phash256"),
+            lost_lesions=lost,
         )
 
     def files(self) -> list[Path]:
@@ -178,7 +197,7 @@ class PreparedDataset:
         from mammocad.preprocess.pipeline import PreprocessSpec
 
         try:
-            return PreprocessSpec.model_validate(self.spec_record["preprocess"])
+            return PreprocessSpec.from_record(self.spec_record["preprocess"])
         except ValueError as exc:
             raise InputError(self.root / SPEC_FILE, f"invalid preprocessing spec ({exc})") from None
 

@@ -5,7 +5,7 @@ grouped by PATIENT, always::
 
     {"version": 1, "seed": 0, "method": "fractions" | "kfold" | "official",
      "group_by": "patient", "stratify_by": "label",
-     "parameters": {"val": .., "test": .., "folds": .., "official": .., "drop_crossing": ..},
+     "parameters": {"val": .., "test": .., "folds": .., "official": .., "keep_crossing": ..},
      "folds": [{"train": [case ids], "val": [...], "test": [...]}, ...],
      "dropped": {"patients": [...], "reason": ...}, "crossing_patients": [...],
      "counts": [{"train": {"cases", "patients", "labels"}, ...} per fold], "notes": [...]}
@@ -111,7 +111,7 @@ class SplitResult:
         console.print(t)
         crossing = d.get("crossing_patients") or []
         if crossing:
-            fate = "dropped from both" if d["dropped"]["patients"] else "KEPT (the audit will fail; use --drop-crossing)"
+            fate = "dropped from both" if d["dropped"]["patients"] else "KEPT (--keep-crossing: they leak and the audit will fail)"
             console.print(f"{len(crossing)} patients are in both official splits, {fate}: {', '.join(crossing[:20])}"
                           + (" ..." if len(crossing) > 20 else ""))
         for note in d.get("notes", []):
@@ -119,11 +119,14 @@ class SplitResult:
 
 
 def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15, folds: int = 0, seed: int = 0,
-                official: bool = False, drop_crossing: bool = False, out: str | Path | None = None) -> SplitResult:
+                official: bool = False, keep_crossing: bool = False, out: str | Path | None = None) -> SplitResult:
     """Write splits.json (default ``prepared_dir/splits.json``, atomically) and return it.
 
     ``official``: keep the source's own train/test (``Case.split``); val is ``val`` of the official
-    train patients. Patients in both official splits are reported, and removed with ``drop_crossing``.
+    train patients. Patients found in both official splits (CBIS-DDSM has some) are dropped from
+    both and reported: keeping them puts one patient's images in train and test, the leak the
+    audit exists to catch. ``keep_crossing`` keeps them anyway (to reproduce work that used the
+    official split as published), with the warning in the summary.
     """
     from mammocad.io.atomic import atomic_write_json
 
@@ -135,8 +138,8 @@ def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15,
         raise ConfigError("--folds", f"must be 0 (fractions) or at least 2, got {folds}")
     if not (0 <= val < 1 and 0 <= test < 1 and val + test < 1):
         raise ConfigError("--val/--test", f"fractions must be in [0, 1) with val + test < 1, got val={val} test={test}")
-    if drop_crossing and not official:
-        raise ConfigError("--drop-crossing", "only makes sense with --official")
+    if keep_crossing and not official:
+        raise ConfigError("--keep-crossing", "only makes sense with --official")
     notes: list[str] = []
     dropped: dict[str, Any] = {"patients": [], "reason": None}
     crossing: list[str] = []
@@ -150,7 +153,7 @@ def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15,
         for c in cases:
             splits_of[c.patient_id].add(c.split)  # type: ignore[arg-type]
         crossing = sorted(p for p, s in splits_of.items() if len(s) > 1)
-        if drop_crossing and crossing:
+        if crossing and not keep_crossing:
             cases = [c for c in cases if c.patient_id not in set(crossing)]
             dropped = {"patients": crossing, "reason": "patient in both the official train and test split"}
         fixed_test = sorted(c.case_id for c in cases if c.split == "test")
@@ -186,7 +189,7 @@ def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15,
     data = {
         "version": 1, "seed": seed, "method": method, "group_by": "patient", "stratify_by": "label",
         "parameters": {"val": None if folds else val, "test": None if official else test, "folds": folds, "official": official,
-                       "drop_crossing": drop_crossing},
+                       "keep_crossing": keep_crossing},
         "folds": fold_list, "dropped": dropped, "crossing_patients": crossing,
         "counts": [_counts(f, by_id) for f in fold_list], "notes": notes,
     }

@@ -53,7 +53,7 @@ def split_case_ids(prepared: "PreparedDataset", fold: int = 0, split: str = "tra
                                  f"(e.g. {missing[0]!r}); the splits belong to another dataset")
     mine = {known[c].patient_id for c in parts[split]}
     others = {known[c].patient_id for name in SPLIT_NAMES if name != split for c in parts[name] if c in known}
-    if mine & others:  # official splits keep such patients unless split with --drop-crossing
+    if mine & others:  # only official splits made with --keep-crossing have such patients
         log.warning("%s: fold %d: %d patient(s) of %s also appear in other splits", source, fold,
                     len(mine & others), split)
     return list(dict.fromkeys(parts[split]))

@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 from mammocad.datasets.common import (
+    ALLOW_OUTSIDE_ROOT,
+    bool_option,
     check_options,
     find_json,
     image_label_from_word,
@@ -26,6 +28,7 @@ from mammocad.datasets.common import (
     kind_from_word,
     load_json,
     parse_modality,
+    path_in_root,
     pathology_from_word,
     resolve_dir,
     unique_case_id,
@@ -139,7 +142,8 @@ def read_via(raw_dir: Path, **options: Any) -> list[Case]:
     """Cases from a VIA JSON. Options (strings): json, image_dir, modality (US|MG, default US),
     class_attribute (region attribute holding benign/malignant), label_attribute (file attribute
     holding normal/benign/malignant), patient_attribute (file attribute holding the patient id),
-    dataset (name written into the cases, default 'via')."""
+    dataset (name written into the cases, default 'via'), allow_outside_root (read a ``filename``
+    that leads outside the image folder: absolute or ``..``; refused by default)."""
     check_options("via", options, ("json", "image_dir", "modality", "class_attribute", "label_attribute", "patient_attribute", "dataset"))
     raw_dir = Path(raw_dir)
     json_path = find_json(raw_dir, options.get("json"))
@@ -149,6 +153,7 @@ def read_via(raw_dir: Path, **options: Any) -> list[Case]:
     label_attr = options.get("label_attribute") or None
     patient_attr = options.get("patient_attribute") or None
     dataset = options.get("dataset") or "via"
+    allow_outside = bool_option(options, ALLOW_OUTSIDE_ROOT)
 
     cases: list[Case] = []
     used_ids: set[str] = set()
@@ -159,7 +164,7 @@ def read_via(raw_dir: Path, **options: Any) -> list[Case]:
             log.warning("%s: %s is listed twice; the second record is skipped", json_path, filename)
             continue
         seen_files.add(filename)
-        image_path = image_dir / filename
+        image_path = path_in_root(filename, image_dir, json_path, allow_outside)
         if not image_path.is_file():
             log.warning("%s: image %s not found; skipped", json_path, image_path)
             continue

@@ -20,18 +20,32 @@ def to_unit_float(pixels: np.ndarray, bits_stored: int | None = None) -> np.ndar
     return np.minimum(out, 1.0, out=out)
 
 
-def normalise_to_breast(pixels: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Stretch so that the brightest breast pixel is 1 (in place; background stays 0).
+# Default top of the intensity scale: the 99.5th percentile of the breast pixels (see below).
+DEFAULT_INTENSITY_PERCENTILE = 99.5
+
+
+def normalise_to_breast(pixels: np.ndarray, mask: np.ndarray, percentile: float = DEFAULT_INTENSITY_PERCENTILE) -> np.ndarray:
+    """Stretch so that the ``percentile``-th percentile of the breast pixels is 1, clipping the few
+    above it to 1 (in place; background stays 0). ``percentile=100`` divides by the maximum.
 
     Why only the top end: a 12-bit mammogram stored in a 16-bit PNG otherwise arrives as values in
-    [0, 0.06], and DICOM VOI windows differ between vendors; dividing by the breast maximum puts
-    every source on the same scale. It is measured on the output grid, so nothing the output can
-    show is clipped (small calcifications included), and labels outside the mask cannot set it. The
-    low end is left at 0: shifting it would push the faint skin-line fat into the background.
+    [0, 0.06], and DICOM VOI windows differ between vendors; dividing by a top value puts every
+    source on the same scale. The low end is left at 0: shifting it would push the faint skin-line
+    fat into the background. The top is measured on the output grid, inside the breast mask, so
+    labels outside the mask cannot set it.
+
+    Why a percentile and not the maximum: a surgical clip, a skin marker (BB) or a single hot
+    pixel inside the breast is far brighter than tissue, and dividing by it darkens the whole
+    breast (a clip twice as bright as tissue halves every tissue value). Such objects cover well
+    under 0.5% of the breast at any resolution (of a ~150 cm^2 compressed breast, a 3 x 1 mm clip
+    is ~0.02%, a 4 mm skin-marker ball ~0.1%), so the 99.5th percentile lies in tissue and ignores
+    them. The price is that the brightest 0.5% of the breast saturates at 1; calcifications among
+    them stay the brightest structures around them, i.e. still visible, only without inner contrast.
     """
     if not mask.any():
         return pixels
-    top = float(pixels[mask].max())
+    values = pixels[mask]
+    top = float(values.max()) if percentile >= 100 else float(np.percentile(values, percentile))
     if top > 0:
         pixels *= np.float32(1.0 / top)
         np.minimum(pixels, 1.0, out=pixels)

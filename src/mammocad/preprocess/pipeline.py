@@ -2,11 +2,12 @@
 function that turns a loaded image into network-ready pixels plus the Geometry to map back.
 
 Order for mammograms: small copy -> breast mask -> chest-wall side -> crop box -> crop, resize,
-flip on the pixels -> [0, 1] -> labels/markers outside the breast to 0 -> normalise to the breast
-maximum -> optional CLAHE -> letterbox pad. Geometry records crop, resize, flip, pad in that order
-(flipping after the resize is the same map and touches 16x fewer pixels). The full-size image is
-read once by the crop/resize and never converted to float or flipped at full size, which keeps a
-13.6-megapixel 12-bit mammogram well under the 0.4 s budget (see tests/test_preprocess.py).
+flip on the pixels -> [0, 1] -> labels/markers outside the breast to 0 -> normalise to a high
+percentile of the breast (``intensity_percentile``) -> optional CLAHE -> letterbox pad. Geometry
+records crop, resize, flip, pad in that order (flipping after the resize is the same map and
+touches 16x fewer pixels). The full-size image is read once by the crop/resize and never
+converted to float or flipped at full size, which keeps a 13.6-megapixel 12-bit mammogram well
+under the 0.4 s budget (see tests/test_preprocess.py).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ from mammocad.preprocess import breast, enhance, ultrasound
 from mammocad.preprocess.geometry import Geometry, _interp
 
 
+# Values of fields added after specs were first recorded, as records without them meant them.
+LEGACY_RECORD_DEFAULTS = {"intensity_percentile": 100.0}
+
+
 class PreprocessSpec(pydantic.BaseModel):
     """How to preprocess; JSON-serialisable (``model_dump(mode="json")``)."""
 
@@ -40,6 +45,19 @@ class PreprocessSpec(pydantic.BaseModel):
     canonical_orientation: bool = True  # MG: flip so the chest wall is on the left
     crop_to_breast: bool = True  # MG: breast box; US: scan area
     remove_outside_breast: bool = True  # set everything outside the mask (labels, markers, text) to 0
+    # MG: percentile of the breast pixels that becomes 1 (enhance.normalise_to_breast says why not the
+    # maximum); 100 = the maximum, what every spec recorded before this field existed meant.
+    intensity_percentile: float = pydantic.Field(enhance.DEFAULT_INTENSITY_PERCENTILE, ge=50, le=100)
+
+    @classmethod
+    def from_record(cls, record: dict) -> "PreprocessSpec":
+        """A spec as recorded in a prepared dataset's spec.json or a model card. Records written
+        before a field existed meant its old behaviour, not today's default: a missing
+        ``intensity_percentile`` is 100 (the breast maximum), so old datasets and models keep the
+        preprocessing they were made with."""
+        if isinstance(record, dict) and "intensity_percentile" not in record:
+            record = {**record, "intensity_percentile": LEGACY_RECORD_DEFAULTS["intensity_percentile"]}
+        return cls.model_validate(record)
 
     @classmethod
     def from_size_option(cls, size: str, **kw) -> "PreprocessSpec":
@@ -170,7 +188,7 @@ def preprocess_image(image: LoadedImage, spec: PreprocessSpec, laterality: str |
     if spec.remove_outside_breast:
         pixels[~mask] = 0.0
     if spec.modality == "MG":
-        enhance.normalise_to_breast(pixels, mask)
+        enhance.normalise_to_breast(pixels, mask, spec.intensity_percentile)
     if spec.clahe:  # after the resize: ~16x cheaper than at 13.6 MP, and the tiles follow the output grid
         pixels = enhance.clahe(pixels, spec.clahe_clip, spec.clahe_grid)
         if spec.remove_outside_breast:
