@@ -31,7 +31,6 @@ def _vmhwm_mb() -> float:
 
 
 def worker(args: argparse.Namespace) -> None:
-    import numpy as np
     import torch
 
     torch.set_num_threads(args.threads)

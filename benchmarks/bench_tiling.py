@@ -70,15 +70,19 @@ def _runners(engine: str, model, image: np.ndarray, breast: np.ndarray, args: ar
     """variant -> (callable returning the (C, H, W) probabilities, (windows run, windows in the layout))."""
     import torch
 
-    from mammocad.inference.tiling import plan_tiles, predict_tiled
+    from mammocad.tasks.tiling import plan_tiles, predict_tiled
 
     plan = plan_tiles(image.shape, args.tile, args.overlap, size_divisor=model.size_divisor, breast_mask=breast)
     total, kept = len(plan.starts), int(plan.keep.sum())
     runners = {}
     if engine in ("ours", "both"):
+        import copy
+
+        # predict_tiled converts no weights (threads share the model): channels-last weights are the caller's job
+        cl_model = copy.deepcopy(model).to(memory_format=torch.channels_last)
         for v in OURS:
             def run(v=v):
-                return predict_tiled(model, image, tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
+                return predict_tiled(model if "NCHW" in v else cl_model, image, tile=args.tile, overlap=args.overlap, batch_size=args.batch_size,
                                      breast_mask=None if "no mask" in v else breast,
                                      autocast="bf16" if "bf16" in v else "fp32", channels_last="NCHW" not in v)
             runners[v] = (run, (total if "no mask" in v else kept, total))
@@ -159,10 +163,8 @@ def prepare_inputs(work: Path, seed: int, uncropped: bool) -> tuple[float | None
 
     if BUNDLE in list_bundles():
         model, card = load_bundle(BUNDLE)
-        spec = PreprocessSpec.model_validate(card.get("preprocessing") or card.get("preprocess"))
-        thresholds = card.get("thresholds") or {}
-        threshold = float(thresholds.get("probability", thresholds.get("threshold", 0.5)))
-        words = f"shipped bundle {BUNDLE} ({card.get('architecture', {}).get('name')})"
+        spec, threshold = card.preprocessing, card.thresholds.probability  # a validated ModelCard
+        words = f"shipped bundle {BUNDLE} ({card.architecture.name})"
     else:
         torch.manual_seed(seed)
         model = create_model("unet", in_channels=1, num_classes=1, base_channels=16, depth=4)

@@ -79,11 +79,12 @@ def run_bare(cfg) -> tuple[float, float]:
     """The plain PyTorch loop on the same dataset, model, optimizer and loss."""
     from mammocad.datasets.prepared import PreparedDataset
     from mammocad.models import create_model
+    from mammocad.tasks.segment import build_train_dataset, load_split
     from mammocad.training import builders as B
 
     torch.set_num_threads(cfg.train.threads)
-    samples, _ = B.load_split(cfg, PreparedDataset(cfg.data.prepared), "train")
-    dataset = B.build_train_dataset(cfg, samples)
+    samples, _ = load_split(cfg, PreparedDataset(cfg.data.prepared), "train")
+    dataset = build_train_dataset(cfg, samples)
     torch.manual_seed(cfg.train.seed)
     model = create_model(cfg.model.name, num_classes=1, **cfg.model.kwargs)
     loss_fn = B.build_loss(cfg)  # the configured loss, as the engine builds it

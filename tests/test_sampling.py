@@ -222,7 +222,8 @@ class StubPrepared:
         self.root, self._data, self._splits = root, samples, splits
         self.cases = [SimpleNamespace(case=c, case_id=c.case_id, patient_id=c.patient_id, label=c.label,
                                       lesion_mask_paths=[None if m is None else Path(f"{c.case_id}/{k}.png")
-                                                         for k, m in enumerate(masks)])
+                                                         for k, m in enumerate(masks)],
+                                      unlocated_lesions=[k for k, m in enumerate(masks) if m is None])
                       for c, masks in samples.values()]
 
     def by_id(self, cid):

@@ -5,7 +5,7 @@ from torch import nn
 
 from mammocad.errors import ConfigError, InputError
 from mammocad.devices import cpu_supports_bf16
-from mammocad.inference.tiling import gaussian_importance_map, plan_tiles, predict_tiled
+from mammocad.tasks.tiling import gaussian_importance_map, plan_tiles, predict_tiled
 
 
 class Pointwise(nn.Module):
@@ -139,13 +139,27 @@ def test_four_mode_quadrants_and_stitching():
     np.testing.assert_allclose(out[:, 128:, :176], full_image(img)[:, 128:, :176], atol=1e-4)
 
 
-def test_state_is_restored():
+def test_a_training_model_is_switched_to_eval_for_the_call_and_back():
     model = small_unet(depth=2).train()
     threads = torch.get_num_threads()
     img = np.random.default_rng(0).random((64, 64), dtype=np.float32)
-    predict_tiled(model, img, tile=64, autocast="fp32", num_threads=1)
+    predict_tiled(model, img, tile=64, autocast="fp32")
     assert model.training and torch.get_num_threads() == threads
-    assert model.inc[0].weight.is_contiguous()  # channels-last conversion undone
+    assert model.inc[0].weight.is_contiguous()  # the weights' memory format is the caller's
+
+
+def test_a_call_changes_nothing_on_an_eval_model_or_the_process(monkeypatch):
+    """Threads may share a model (a server's Predictor): a call must not switch its mode, convert
+    its memory format or set torch's global thread count, even to restore them afterwards."""
+    model = small_unet(depth=2).to(memory_format=torch.channels_last)  # eval, converted once by its owner
+    img = np.random.default_rng(0).random((64, 64), dtype=np.float32)
+    expected = predict_tiled(model, img, tile=64, autocast="fp32")
+    changes: list[str] = []
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: changes.append(f"set_num_threads({n})"))
+    monkeypatch.setattr(model, "train", lambda mode=True: changes.append(f"train({mode})"))
+    monkeypatch.setattr(model, "to", lambda *a, **k: changes.append(f"to({a}, {k})"))
+    out = predict_tiled(model, img, tile=64, autocast="fp32")
+    assert changes == [] and np.array_equal(out, expected)
 
 
 def test_bad_arguments_are_one_line_errors():

@@ -19,6 +19,8 @@ from mammocad.cli import main
 from mammocad.errors import ConfigError, InputError
 from mammocad.models import create_model
 from mammocad.models.bundle import list_bundles, load_bundle, save_bundle
+from mammocad.preprocess.pipeline import PreprocessSpec
+from mammocad.tasks.segment import check_patch_size, load_split
 from mammocad.training import builders as B
 from mammocad.training.checkpoint import join_optimizer_state, split_optimizer_state
 from mammocad.training.config import load_config, parse_config
@@ -44,6 +46,11 @@ def trained(workdir):
     cfg = load_config(write_config(workdir, "base.yaml"))
     result = train(cfg, workdir / "run_full", progress=False)
     return cfg, result
+
+
+def minimal_card(name: str) -> dict:
+    """The least a card must say: a name, the task, how to preprocess (``models.card.ModelCard``)."""
+    return {"name": name, "task": "segment", "preprocessing": PreprocessSpec(long_side=64).model_dump(mode="json")}
 
 
 def read_log(run: Path) -> list[dict[str, str]]:
@@ -90,7 +97,7 @@ def test_build_time_errors_name_the_yaml_and_section(workdir):
         B.build_base_model(bad_kwarg)
     bad_patch = load_config(write_config(workdir, "bad_patch.yaml", sampling={"patch": 34}))
     with pytest.raises(ConfigError, match=r"sampling\.patch: 34 is not a multiple of the model's size_divisor 4"):
-        B.check_patch_size(bad_patch, B.build_base_model(bad_patch))
+        check_patch_size(bad_patch, B.build_base_model(bad_patch))
 
 
 def test_relative_paths_resolve_against_the_yaml_folder(workdir):
@@ -115,7 +122,7 @@ def test_every_shipped_config_validates_and_builds():
         for stage in cfg.stage_list():
             model = B.switch_model(cfg, stage, model)
             B.apply_stage(cfg, model, stage)
-            B.check_patch_size(cfg, model)
+            check_patch_size(cfg, model)
         final_arch[path.name] = model.mammocad_config["name"]
     assert final_arch["mias_fcn8.yaml"] == "fcn8"  # fcn32 -> fcn16 -> fcn8
     assert [s.model_stage for s in load_config(REPO / "configs/mias_dilation10.yaml").stage_list()] == \
@@ -195,6 +202,8 @@ def test_training_writes_logs_curves_and_a_model_card(workdir, trained):
 
     card = json.loads((run / "bundle" / "model.json").read_text())
     assert card["architecture"] == {"name": "unet", "kwargs": {"base_channels": 4, "depth": 2, "num_classes": 1}}
+    assert card["task"] == "segment" and card["weights_sha256"] == hashlib.sha256(
+        (run / "bundle" / "model.safetensors").read_bytes()).hexdigest()
     assert card["class_names"] == ["background", "lesion"] and card["output"] == "sigmoid"
     assert card["thresholds"] == {"probability": 0.5, "min_area": 0, "max_lesions": None}
     assert card["tiling"]["tile"] == 32 and card["preprocessing"]["long_side"] == 64
@@ -214,7 +223,7 @@ def test_training_writes_logs_curves_and_a_model_card(workdir, trained):
 
 
 def test_bundle_loads_without_pickle_and_matches_the_trained_model(workdir, trained, monkeypatch):
-    from mammocad.inference.tiling import predict_tiled
+    from mammocad.tasks.tiling import predict_tiled
 
     _, result = trained
 
@@ -225,7 +234,7 @@ def test_bundle_loads_without_pickle_and_matches_the_trained_model(workdir, trai
         monkeypatch.setattr(mod, name, refuse)
     model, card = load_bundle(result.bundle_dir)
     monkeypatch.undo()
-    assert card["name"] == "tiny-unet" and not model.training
+    assert card.name == "tiny-unet" and card.task == "segment" and not model.training
     x = torch.rand(2, 1, 32, 32, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(x), result.model(x))
@@ -239,12 +248,17 @@ def test_bundle_errors_and_names(tmp_path):
     with pytest.raises(InputError, match="no such bundle folder"):
         load_bundle(tmp_path / "absent")
     model = create_model("shallow_cnn", channels=4, num_layers=1)
-    save_bundle(tmp_path / "b", model, {"name": "x"})
+    save_bundle(tmp_path / "b", model, minimal_card("x"))
     (tmp_path / "b" / "model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(InputError, match=r"model\.safetensors: weights do not match the card's weights_sha256"):
+        load_bundle(tmp_path / "b")
+    card = json.loads((tmp_path / "b" / "model.json").read_text())
+    del card["weights_sha256"]  # optional: without it the file is only checked for being safetensors
+    (tmp_path / "b" / "model.json").write_text(json.dumps(card))
     with pytest.raises(InputError, match=r"model\.safetensors: unreadable weights"):
         load_bundle(tmp_path / "b")
     other = create_model("shallow_cnn", channels=8, num_layers=1)
-    save_bundle(tmp_path / "c", other, {"name": "y"})
+    save_bundle(tmp_path / "c", other, minimal_card("y"))
     card = json.loads((tmp_path / "c" / "model.json").read_text())
     card["architecture"]["kwargs"]["channels"] = 4
     (tmp_path / "c" / "model.json").write_text(json.dumps(card))
@@ -308,7 +322,7 @@ def test_dilation10_stages_freeze_the_front_end(workdir):
     result = train(cfg, run, resume=True, progress=False)
     assert result.stopped == "completed" and [r["stage"] for r in read_log(run)] == ["front", "context"]
     final, card = load_bundle(run / "bundle")
-    assert card["architecture"]["kwargs"]["stage"] == "context"
+    assert card.architecture.kwargs["stage"] == "context"
     state = final.state_dict()
     front = [k for k in state if k.startswith(("features.", "fc.", "head."))]
     context = [k for k in state if k.startswith("context.")]
@@ -352,7 +366,7 @@ def test_apply_stage_never_trains_fixed_weights(workdir, tmp_path):
     opt.step()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())
     # the kernels are in the state dict, so a bundle round-trips them through the card's architecture
-    save_bundle(tmp_path / "fcn8", model.eval(), {"name": "fcn8-fixed"})
+    save_bundle(tmp_path / "fcn8", model.eval(), minimal_card("fcn8-fixed"))
     loaded, _ = load_bundle(tmp_path / "fcn8")
     assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
     with torch.no_grad():
@@ -394,7 +408,7 @@ def test_validation_scores_what_evaluate_scores_for_the_bundle(workdir, trained)
     from mammocad.datasets.prepared import PreparedDataset
     from mammocad.evaluation.run import evaluate_prepared
     from mammocad.training.card import build_card
-    from mammocad.training.validate import validate_images
+    from mammocad.tasks.segment import validate_images
 
     model = create_model("logreg", num_classes=1, scales=[1.0])
     with torch.no_grad():
@@ -406,7 +420,7 @@ def test_validation_scores_what_evaluate_scores_for_the_bundle(workdir, trained)
                                                                           "min_area": 10, "max_lesions": 1,
                                                                           "tta": ["hflip"]}))
     prepared = PreparedDataset(post.data.prepared)
-    samples, labels = B.load_split(post, prepared, "val")
+    samples, labels = load_split(post, prepared, "val")
     scores = {}
     for cfg in (plain, post):
         val = validate_images(model, samples, labels, cfg.data.class_names, cfg.inference, amp_dtype=None)
@@ -416,7 +430,7 @@ def test_validation_scores_what_evaluate_scores_for_the_bundle(workdir, trained)
         assert report.n_images == len(samples) == 2
         for key, metric in report.headline.items():
             assert val.report.headline[key].value == pytest.approx(metric.value, abs=1e-12, nan_ok=True), key
-        scores[cfg.source] = val.dice
+        scores[cfg.source] = val.score
     # the post-processing changes the score, so validating without it (as before) would disagree
     assert scores[post.source] > scores[plain.source] + 0.1
     # end to end: the card's validation figures are what `mammocad evaluate` reports for the bundle

@@ -91,7 +91,8 @@ def load_samples(prepared: "PreparedDataset", case_ids: Iterable[str], num_class
     for cid in dict.fromkeys(case_ids):
         pc = prepared.by_id(cid)
         lesions = pc.case.lesions
-        unlocated = any(p is None for p in pc.lesion_mask_paths) or (not lesions and pc.label == "unknown")
+        # a lesion lost in preprocessing (cropped away) is known to be absent here: not unlocated
+        unlocated = bool(pc.unlocated_lesions) or (not lesions and pc.label == "unknown")
         if unlocated and skip_unlocated:
             skipped.append(cid)
             continue

@@ -1,9 +1,11 @@
-"""Model bundles: ``model.safetensors`` (weights) + ``model.json`` (the model card).
+"""Model bundles: ``model.safetensors`` (weights) + ``model.json`` (the model card, ``models.card``).
 
-The card holds the architecture (registered name + kwargs), the preprocessing spec, class names,
-thresholds and tiling, the training data and split, validation metrics, versions and dates. A
-bundle is loaded with ``json`` and ``safetensors`` only -- no pickle, no ``torch.load`` -- so
-opening a bundle from elsewhere cannot run code.
+The card holds the task, the architecture (registered name + kwargs), the preprocessing spec, class
+names, thresholds and tiling, the training data and split, validation metrics, the weights' SHA-256,
+versions and dates. A bundle is loaded with ``json`` and ``safetensors`` only -- no pickle, no
+``torch.load`` -- so opening a bundle from elsewhere cannot run code; the card is validated (sizes
+bounded) before any model is built, and weights that are not the ones the card was written for
+(``weights_sha256``) are refused.
 
 A bundle is named by its folder, or by the name of one shipped inside the package
 (``mammocad/bundles/<name>/``, listed by ``list_bundles()``).
@@ -21,32 +23,44 @@ from torch import nn
 
 from mammocad.errors import ConfigError, InputError
 from mammocad.io.atomic import atomic_path, atomic_write_text
+from mammocad.io.discover import file_sha256
 from mammocad.io.jsonutil import json_clean
+from mammocad.models.card import BUNDLE_FORMAT, BUNDLE_FORMAT_VERSION, ModelCard, validate_card
 from mammocad.models.registry import model_config, model_from_config
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model.json"
-BUNDLE_FORMAT = "mammocad-model-bundle"
-BUNDLE_FORMAT_VERSION = 1
+__all__ = ["BUNDLE_FORMAT", "BUNDLE_FORMAT_VERSION", "CARD_FILE", "WEIGHTS_FILE", "ModelCard", "list_bundles",
+           "load_bundle", "read_card", "resolve_bundle", "save_bundle"]
 
 
-def save_bundle(directory: str | Path, model: nn.Module, card: dict[str, Any]) -> Path:
-    """Write ``model``'s weights and ``card`` (+ its architecture) to ``directory``; returns it.
+def save_bundle(directory: str | Path, model: nn.Module, card: dict[str, Any] | ModelCard) -> Path:
+    """Write ``model``'s weights and ``card`` (+ its architecture and the weights' SHA-256) to
+    ``directory``; returns it.
 
-    Both files are written atomically; the card last, so a card always describes complete weights."""
+    The card is validated first (an invalid card is never written); both files are written
+    atomically, the card last, so a card always describes complete weights."""
     from safetensors.torch import save_model
 
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    full = {"format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION, **card,
-            "architecture": model_config(model)}
+    fields = card.to_json() if isinstance(card, ModelCard) else dict(card)
+    full = {**fields, "format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION,
+            "architecture": model_config(model), "weights_sha256": "0" * 64}
     try:
-        text = json.dumps(json_clean(full), indent=2, allow_nan=False) + "\n"
-    except TypeError as err:
+        full = json_clean(full)
+        json.dumps(full, allow_nan=False)
+    except (TypeError, ValueError) as err:
         raise ConfigError(directory / CARD_FILE, f"model card is not JSON: {err}") from None
+    try:
+        validate_card(full, directory / CARD_FILE)
+    except InputError as err:
+        raise ConfigError(err.source, err.cause) from None
+    directory.mkdir(parents=True, exist_ok=True)
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         # save_model (not save_file) de-duplicates shared tensors, which save_file refuses.
         save_model(model, str(tmp), metadata={"format": BUNDLE_FORMAT, "architecture": model_config(model)["name"]})
+        full["weights_sha256"] = file_sha256(tmp)
+    text = json.dumps(validate_card(full, directory / CARD_FILE).to_json(), indent=2, allow_nan=False) + "\n"
     atomic_write_text(directory / CARD_FILE, text)
     return directory
 
@@ -75,28 +89,30 @@ def resolve_bundle(name_or_dir: str | Path) -> Path:
     raise InputError(name_or_dir, f"no such bundle folder, and not a shipped bundle name (shipped: {known})")
 
 
-def read_card(name_or_dir: str | Path) -> dict[str, Any]:
-    """The model card of a bundle, checked for its format."""
+def read_card(name_or_dir: str | Path) -> ModelCard:
+    """The validated model card of a bundle (see ``models.card``)."""
     path = resolve_bundle(name_or_dir) / CARD_FILE
     if not path.is_file():
         raise InputError(path.parent, f"not a model bundle: {CARD_FILE} is missing")
     try:
-        card = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise InputError(path, f"unreadable model card ({exc})") from None
-    if not isinstance(card, dict) or card.get("format") != BUNDLE_FORMAT:
+    if not isinstance(data, dict) or "format" not in data:  # a file must say what it is; in-memory cards need not
         raise InputError(path, f"not a mammocad model card (expected \"format\": \"{BUNDLE_FORMAT}\")")
-    if card.get("format_version", 0) > BUNDLE_FORMAT_VERSION:
-        raise InputError(path, f"bundle format {card.get('format_version')} is newer than this mammocad reads "
-                               f"({BUNDLE_FORMAT_VERSION}); upgrade mammocad")
-    if not isinstance(card.get("architecture"), dict):
-        raise InputError(path, "model card has no 'architecture'")
-    return card
+    return validate_card(data, path)
 
 
-def load_bundle(name_or_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """``(model in eval mode, card)``; the architecture is rebuilt from the card, the weights come
-    from safetensors (strict: every tensor must match)."""
+def check_weights(weights: Path, card: ModelCard) -> None:
+    """Refuse weights that are not the ones the card was written for (swapped or damaged files)."""
+    if card.weights_sha256 is not None and file_sha256(weights) != card.weights_sha256:
+        raise InputError(weights, "weights do not match the card's weights_sha256 (a different or damaged file)")
+
+
+def load_bundle(name_or_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
+    """``(model in eval mode, card)``; the card is validated and the weights' hash checked before the
+    architecture is rebuilt from the card (with its size bounds); the weights come from
+    safetensors (strict: every tensor must match)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
@@ -105,8 +121,9 @@ def load_bundle(name_or_dir: str | Path, device: str | torch.device = "cpu") -> 
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise InputError(directory, f"not a model bundle: {WEIGHTS_FILE} is missing")
+    check_weights(weights, card)
     try:
-        model = model_from_config(card["architecture"])
+        model = model_from_config(card.architecture.model_dump())
     except ConfigError as err:
         raise InputError(directory / CARD_FILE, f"architecture cannot be built: {err}") from None
     try:

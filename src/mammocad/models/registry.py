@@ -35,6 +35,15 @@ ModelFactory = Callable[..., nn.Module]
 _MODELS: dict[str, ModelFactory] = {}
 INIT_ONLY_KWARGS = ("init_from", "weights_path")  # change weights, not the architecture
 NORMS = ("batch", "group", "instance", "none")
+# Bounds on architecture arguments, by name: a card or config asking for more is a typo or an attack
+# (``base_channels: 4096`` took 23.5 GB before it was killed). Checked before anything is allocated,
+# then the parameter count is measured on torch's "meta" device (no memory) and capped too.
+MAX_PARAMETERS = 200_000_000  # FCN-8s with a full VGG-16 (the largest reproduced model) has ~134 M
+SIZE_BOUNDS: tuple[tuple[str, float], ...] = (  # (name suffix, largest value); lists are checked per element
+    ("num_classes", 256), ("channels", 4096), ("width", 4096), ("width_mult", 4.0), ("depth", 8),
+    ("num_layers", 64), ("kernel", 31), ("kernel_size", 31), ("dilations", 256), ("rates", 256), ("scales", 64.0),
+    ("output_stride", 32),
+)
 
 
 def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
@@ -68,12 +77,31 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         arch_kwargs = json.loads(json.dumps(arch_kwargs))
     except TypeError as err:
         raise ConfigError(f"model {name}", f"arguments must be JSON values: {err}") from None
+    check_sizes(name, arch_kwargs)
     try:
+        with torch.device("meta"):  # the architecture without its memory: count before allocating
+            probe = _MODELS[name](**arch_kwargs)
+        n_params = sum(p.numel() for p in probe.parameters())
+        if n_params > MAX_PARAMETERS:
+            raise ConfigError(f"model {name}", f"{n_params / 1e6:.0f} M parameters exceed the bound of "
+                                               f"{MAX_PARAMETERS / 1e6:.0f} M; check the architecture arguments")
+        del probe
         model = _MODELS[name](**kwargs)
     except TypeError as err:  # unknown / missing keyword: a config mistake, say which
         raise ConfigError(f"model {name}", str(err)) from None
     model.mammocad_config = {"name": name, "kwargs": arch_kwargs}
     return model
+
+
+def check_sizes(name: str, kwargs: dict[str, Any]) -> None:
+    """Refuse architecture arguments beyond ``SIZE_BOUNDS`` (one-line ConfigError naming the key)."""
+    for key, value in kwargs.items():
+        bound = next((b for suffix, b in SIZE_BOUNDS if key == suffix or key.endswith("_" + suffix)), None)
+        values = value if isinstance(value, list) else [value]
+        if bound is None or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            continue  # not a size, or not a number: the constructor says what is wrong with it
+        if any(v > bound for v in values):
+            raise ConfigError(f"model {name}", f"{key}: {value} exceeds the bound {bound:g}")
 
 
 def model_config(model: nn.Module) -> dict[str, Any]:

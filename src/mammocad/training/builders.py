@@ -1,5 +1,6 @@
-"""Turn a validated ``TrainConfig`` into the objects the engine runs: seeds, AMP choice, samples,
-patch loaders, models per stage, optimizer, LR schedule, early stopping.
+"""Turn a validated ``TrainConfig`` into the objects the engine runs: seeds, AMP choice, the loader
+over the task's dataset, models per stage, loss, optimizer, LR schedule, early stopping. What
+depends on the task (datasets, validation) is in the task module (``mammocad.tasks``).
 
 Every ConfigError raised while building a section is re-raised naming the YAML file and the key
 (``config_errors``), so a wrong fraction or model argument reads like a config mistake.
@@ -16,10 +17,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from mammocad.datasets.targets import IGNORE_INDEX
 from mammocad.errors import ConfigError
-from mammocad.datasets.targets import IGNORE_INDEX, split_case_ids
-from mammocad.sampling import (BalancedPatchSampler, GridPatchSampler, LesionContextSampler, PatchDataset,
-                               SegmentationSample, item_seed, load_samples)
+from mammocad.sampling import item_seed
 from mammocad.training.config import OptimConfig, StageConfig, TrainConfig, config_errors
 from mammocad.training.distributed import DistContext
 
@@ -99,40 +99,9 @@ def resolve_amp(amp: str, device: torch.device, source: str) -> tuple[torch.dtyp
     return (torch.bfloat16 if native else None), False
 
 
-# ---- data --------------------------------------------------------------------------------------
-def load_split(cfg: TrainConfig, prepared: Any, split: str) -> tuple[list[SegmentationSample], dict[str, str]]:
-    """(samples, image label per case id) of ``split`` in the configured fold."""
-    with config_errors(cfg, "data"):
-        ids = split_case_ids(prepared, cfg.data.fold, split, cfg.data.splits)
-        samples = load_samples(prepared, ids, cfg.data.label_classes, cfg.data.unknown) if ids else []
-    return samples, {cid: prepared.by_id(cid).label for cid in ids}
-
-
-def build_sampler(cfg: TrainConfig, samples: list[SegmentationSample]) -> Any:
-    s = cfg.sampling
-    with config_errors(cfg, "sampling"):
-        if s.kind == "balanced":
-            return BalancedPatchSampler(samples, patch=s.patch, fractions=s.fractions, mode=s.mode,
-                                        n_per_epoch=s.n_per_epoch, seed=cfg.train.seed, pad_label=s.pad_label)
-        if s.kind == "grid":
-            return GridPatchSampler(samples, patch=s.patch, stride=s.stride or max(1, s.patch // 2),
-                                    skip_background=s.skip_background, pad_label=s.pad_label)
-        return LesionContextSampler(samples, context=s.context, out_size=s.patch, fixed_size=s.fixed_size,
-                                    pad_label=s.pad_label)
-
-
-def build_train_dataset(cfg: TrainConfig, samples: list[SegmentationSample]) -> PatchDataset:
-    augment = None
-    if cfg.augment is not None:
-        from mammocad.augment import build_augment
-
-        with config_errors(cfg, "augment"):
-            augment = build_augment(cfg.augment)
-    return PatchDataset(build_sampler(cfg, samples), augment=augment, seed=cfg.train.seed)
-
-
+# ---- data ----------------------------------------------------------------------------------------
 def make_loader(dataset: torch.utils.data.Dataset, cfg: TrainConfig, ctx: DistContext, shuffle: bool = True,
-                ) -> tuple[torch.utils.data.DataLoader, torch.utils.data.Sampler]:
+                collate: Any = None) -> tuple[torch.utils.data.DataLoader, torch.utils.data.Sampler]:
     """A loader over this rank's shard. ``DistributedSampler`` is used in every run (with one
     replica it is a seeded shuffle), so 1 and N processes run the same code; call its
     ``set_epoch`` and the dataset's before each epoch."""
@@ -143,21 +112,9 @@ def make_loader(dataset: torch.utils.data.Dataset, cfg: TrainConfig, ctx: DistCo
     workers = cfg.sampling.workers
     loader = DataLoader(dataset, batch_size=cfg.sampling.batch_size, sampler=sampler, num_workers=workers,
                         pin_memory=ctx.device.type == "cuda", worker_init_fn=seed_worker if workers else None,
-                        generator=torch.Generator().manual_seed(cfg.train.seed), drop_last=False)
+                        generator=torch.Generator().manual_seed(cfg.train.seed), drop_last=False,
+                        collate_fn=collate)
     return loader, sampler
-
-
-def make_patch_val_loader(cfg: TrainConfig, samples: list[SegmentationSample], ctx: DistContext,
-                          ) -> torch.utils.data.DataLoader:
-    """Non-overlapping grid patches of the validation images, strided over ranks (no duplicates)."""
-    from torch.utils.data import DataLoader, Subset
-
-    with config_errors(cfg, "sampling"):
-        grid = GridPatchSampler(samples, patch=cfg.sampling.patch, stride=cfg.sampling.patch, skip_background=True,
-                                pad_label=cfg.sampling.pad_label)
-    dataset = PatchDataset(grid, augment=None, seed=cfg.train.seed)
-    shard = Subset(dataset, list(range(ctx.rank, len(dataset), ctx.world_size)))
-    return DataLoader(shard, batch_size=cfg.sampling.batch_size, shuffle=False, num_workers=0)
 
 
 # ---- models and stages -------------------------------------------------------------------------
@@ -170,7 +127,10 @@ def build_base_model(cfg: TrainConfig) -> nn.Module:
     if cfg.model.init_from is not None:
         from mammocad.models.bundle import load_bundle
 
-        init, _ = load_bundle(cfg.model.init_from)
+        init, card = load_bundle(cfg.model.init_from)
+        if card.task != cfg.task:
+            raise ConfigError(cfg.source, f"model.init_from: {card.name} is a {card.task} model; this config trains "
+                                          f"{cfg.task} models")
     with config_errors(cfg, "model.kwargs"):
         if init is not None and init.mammocad_config["name"] != cfg.model.name:
             return create_model(cfg.model.name, **kwargs, init_from=init)  # e.g. FCN-16s from a trained FCN-32s
@@ -221,16 +181,6 @@ def apply_stage(cfg: TrainConfig, model: nn.Module, stage: StageConfig) -> None:
             p.requires_grad_(False)
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(cfg.source, f"{where}: every parameter is frozen; nothing to train")
-
-
-def check_patch_size(cfg: TrainConfig, model: nn.Module) -> None:
-    d = int(getattr(model, "size_divisor", 1))
-    if cfg.sampling.patch % d:
-        raise ConfigError(cfg.source, f"sampling.patch: {cfg.sampling.patch} is not a multiple of the model's "
-                                      f"size_divisor {d}")
-    if cfg.inference.mode == "sliding" and cfg.inference.tile % d:
-        raise ConfigError(cfg.source, f"inference.tile: {cfg.inference.tile} is not a multiple of the model's "
-                                      f"size_divisor {d}")
 
 
 # ---- optimisation ------------------------------------------------------------------------------

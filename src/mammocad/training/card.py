@@ -1,6 +1,7 @@
 """The model card written into a bundle's ``model.json`` at the end of training.
 
-It says what the weights are (architecture comes from ``save_bundle``), how to feed them
+It says what the weights are and do (the task; architecture and weights' SHA-256 come from
+``save_bundle``, which validates the card as ``models.card.ModelCard``), how to feed them
 (preprocessing spec, classes, thresholds, tiling), what they were trained on (prepared dataset,
 adapter, fold, cases and patients per split, the splits file's SHA-256), how (the config, epochs,
 stages, device, time) and how well they did on the validation split (``evaluate_segmentation``
@@ -10,22 +11,14 @@ headline metrics with patient-bootstrap CIs).
 from __future__ import annotations
 
 import datetime
-import hashlib
 import platform
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from mammocad.io.discover import file_sha256
 from mammocad.training.config import TrainConfig
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def training_data(cfg: TrainConfig, prepared: Any) -> dict[str, Any]:
@@ -80,7 +73,7 @@ def build_card(cfg: TrainConfig, prepared: Any, *, report: Any, training: dict[s
         "reproduces": b.reproduces,
         "intended_use": b.intended_use,
         "limitations": list(b.limitations),
-        "task": "segmentation",
+        "task": cfg.task,
         "modality": prepared.spec.modality,
         "class_names": cfg.data.class_names,
         "output": "sigmoid" if cfg.data.num_classes == 1 else "softmax",

@@ -24,6 +24,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
 from mammocad.augment import AugmentConfig
 from mammocad.errors import ConfigError
+from mammocad.models.card import MAX_BATCH, MAX_TILE, describe_validation_error
 
 
 class _Section(pydantic.BaseModel):
@@ -60,8 +61,8 @@ class LossConfig(_Section):
 
 class SamplingConfig(_Section):
     kind: Literal["balanced", "grid", "context"] = "balanced"
-    patch: int = Field(256, ge=8)
-    batch_size: PositiveInt = 8
+    patch: int = Field(256, ge=8, le=MAX_TILE)
+    batch_size: int = Field(8, ge=1, le=1024)
     workers: int = Field(0, ge=0)
     # balanced
     fractions: dict[str, float] | None = None  # lesion / tissue / background, summing to 1
@@ -131,9 +132,10 @@ class TrainSection(_Section):
 
 
 class InferenceConfig(_Section):
-    tile: PositiveInt = 512
+    # bounded as the model card bounds them (models.card): the card is written from this section
+    tile: int = Field(512, ge=1, le=MAX_TILE)
     overlap: float = Field(0.25, ge=0.0, lt=1.0)  # fraction of the tile shared by neighbours
-    batch_size: PositiveInt = 4
+    batch_size: int = Field(4, ge=1, le=MAX_BATCH)
     threshold: float = Field(0.5, gt=0.0, lt=1.0)  # binary models: lesion when probability >= threshold
     min_area: int = Field(0, ge=0)  # pixels; smaller predicted components are dropped by the postprocessing
     mode: Literal["sliding", "four"] = "sliding"  # Gaussian-blended sliding window, or the papers' 4 quadrants
@@ -153,6 +155,7 @@ class BundleConfig(_Section):
 
 
 class TrainConfig(_Section):
+    task: Literal["segment"] = "segment"  # the task module (mammocad.tasks) that trains; recorded in the card
     data: DataConfig
     model: ModelConfig
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -177,17 +180,9 @@ class TrainConfig(_Section):
     def to_json(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
-
-def _describe(err: dict[str, Any]) -> tuple[str, str]:
-    key = ".".join(str(p) for p in err.get("loc", ())) or "(top level)"
-    if err.get("type") == "extra_forbidden":
-        return key, "unknown key"
-    if err.get("type") == "missing":
-        return key, "required key is missing"
-    msg = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
-    if "input" in err and not isinstance(err["input"], (dict, list)):
-        msg += f" (got {err['input']!r})"
-    return key, msg
+    def errors_in(self, section: str) -> contextlib.AbstractContextManager[None]:
+        """``config_errors(self, section)``: for code below the training layer (task modules)."""
+        return config_errors(self, section)
 
 
 def parse_config(data: Any, source: str | Path = "config", base_dir: str | Path | None = None) -> TrainConfig:
@@ -197,7 +192,7 @@ def parse_config(data: Any, source: str | Path = "config", base_dir: str | Path 
     try:
         cfg = TrainConfig.model_validate(data)
     except pydantic.ValidationError as exc:
-        key, msg = _describe(exc.errors()[0])
+        key, msg = describe_validation_error(exc.errors()[0])
         raise ConfigError(source, f"{key}: {msg}") from None
     cfg._source = Path(source)
     if base_dir is not None:

@@ -1,5 +1,9 @@
 """The training loop: ``train(cfg, out_dir)`` -> a model bundle, logs and resumable checkpoints.
 
+Task-agnostic: the config's ``task`` picks a task module (``mammocad.tasks``) that supplies the
+dataset, the train step (a loss dict), validation and the final report; this module keeps epochs,
+stages, DDP, resume, early stopping and the files of a run.
+
 One code path for 1 process and for ``torchrun --nproc_per_node=N`` (DDP, see ``distributed``):
 the patch indices of an epoch are sharded by ``DistributedSampler`` (a seeded shuffle with one
 process), gradients are averaged by DDP, losses and patch counts are all-reduced, validation and
@@ -35,6 +39,7 @@ from torch import nn
 
 from mammocad.errors import ConfigError, MammocadError
 from mammocad.io.atomic import atomic_write_json, atomic_write_text
+from mammocad.tasks import RunContext, ValidationResult, get_task
 from mammocad.training import builders as B
 from mammocad.training.checkpoint import (BEST_WEIGHTS, join_optimizer_state, load_checkpoint_tensors, load_weights,
                                           read_checkpoint_state, save_checkpoint, save_weights)
@@ -42,7 +47,6 @@ from mammocad.training.config import TrainConfig, resume_key
 from mammocad.training.distributed import (DistContext, all_reduce_sum, barrier, broadcast_from_main, gather_objects,
                                            init_distributed, shutdown)
 from mammocad.training.logs import TrainingLog
-from mammocad.training.validate import ValidationResult, autocast_context, validate_images, validate_patches
 
 BUNDLE_DIR = "bundle"
 
@@ -73,20 +77,19 @@ def train(cfg: TrainConfig, out_dir: str | Path, *, resume: bool = False, device
         shutdown(ctx)
 
 
-def train_one_epoch(net: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
-                    device: torch.device, amp_dtype: torch.dtype | None, scaler: Any, grad_clip: float | None,
+def train_one_epoch(net: nn.Module, loader: Any, optimizer: torch.optim.Optimizer, task: Any, device: torch.device,
+                    scaler: Any, grad_clip: float | None,
                     on_step: Callable[[torch.Tensor, int], None] | None = None) -> tuple[float, int]:
-    """One pass over ``loader``: (sum of per-patch losses, patches). The loss stays a device tensor
-    until the end (no per-step host sync)."""
+    """One pass over ``loader``: (sum of per-item losses, items). ``task.train_step`` gives the loss
+    dict of a batch (its ``"loss"`` is optimised); the loss stays a device tensor until the end (no
+    per-step host sync)."""
     net.train()
     params = [p for p in net.parameters() if p.requires_grad]
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     n = 0
-    for image, target in loader:
-        image, target = image.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        with autocast_context(device, amp_dtype):
-            logits = net(image)
-        loss = loss_fn(logits.float(), target)
+    for batch in loader:
+        loss = task.train_step(net, batch)["loss"]
+        items = task.batch_items(batch)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -100,8 +103,8 @@ def train_one_epoch(net: nn.Module, loader: Any, optimizer: torch.optim.Optimize
             if grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
             optimizer.step()
-        loss_sum += loss.detach().double() * image.shape[0]
-        n += image.shape[0]
+        loss_sum += loss.detach().double() * items
+        n += items
         if on_step is not None:
             on_step(loss_sum, n)
     return float(loss_sum), n
@@ -126,8 +129,8 @@ class Trainer:
         if state is not None and not resume:
             raise ConfigError(self.out, "holds a checkpoint of an earlier run; pass --resume to continue it or "
                                         "choose another --out")
-        if state is not None:
-            old, new = state.get("config_key", {}), resume_key(cfg)
+        if state is not None:  # checkpoints written before the config had a task were all segmentation
+            old, new = {"task": "segment", **state.get("config_key", {})}, resume_key(cfg)
             diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
             if diff:
                 raise ConfigError(cfg.source, f"{diff[0]}: differs from the config of the checkpoint in {self.out}; "
@@ -143,19 +146,13 @@ class Trainer:
         if not cfg.data.prepared.is_dir():
             raise ConfigError(cfg.source, f"data.prepared: {cfg.data.prepared} is not a folder")
         self.prepared = PreparedDataset(cfg.data.prepared)
-        train_samples, _ = B.load_split(cfg, self.prepared, "train")
-        self.dataset = B.build_train_dataset(cfg, train_samples)
-        self.loader, self.sampler = B.make_loader(self.dataset, cfg, ctx)
-        self.loss_fn = B.build_loss(cfg).to(ctx.device)
+        run = RunContext(device=ctx.device, rank=ctx.rank, world_size=ctx.world_size, amp_dtype=self.amp_dtype,
+                         all_reduce_sum=lambda values: all_reduce_sum(ctx, values))
+        self.task = get_task(cfg.task, cfg.source).training(cfg, self.prepared, run, B.build_loss(cfg).to(ctx.device))
+        self.dataset = self.task.train_dataset
+        self.loader, self.sampler = B.make_loader(self.dataset, cfg, ctx, collate=self.task.collate)
         import safetensors.torch  # noqa: F401  (imported here, not inside the first epoch's timing)
-        self.val_samples, self.val_labels = [], {}
-        patch_val = cfg.train.val_mode == "patch" and cfg.train.val_every > 0
-        if ctx.is_main or patch_val:
-            self.val_samples, self.val_labels = B.load_split(cfg, self.prepared, "val")
-            if cfg.train.val_every > 0 and not any(((s.target > 0) & (s.target < 255)).any() for s in self.val_samples):
-                raise ConfigError(cfg.source, f"data: fold {cfg.data.fold} has no validation image with a lesion, so "
-                                              "val Dice is undefined; re-split or set train.val_every: 0")
-        self.val_loader = B.make_patch_val_loader(cfg, self.val_samples, ctx) if patch_val else None
+        self.task.prepare_validation(patch_loader=cfg.train.val_mode == "patch" and cfg.train.val_every > 0)
         if ctx.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
             atomic_write_text(self.out / "config.yaml", yaml.safe_dump(cfg.to_json(), sort_keys=False))
@@ -174,15 +171,9 @@ class Trainer:
 
     # ---- validation ----------------------------------------------------------------------------
     def _validate(self, model: nn.Module) -> ValidationResult:
-        """Rank 0's validation, broadcast (image mode); or the sharded patch validation."""
-        if self.cfg.train.val_mode == "patch":
-            return validate_patches(model, self.val_loader, self.loss_fn, self.ctx, self.amp_dtype,
-                                    self.cfg.inference.threshold)
-        result = ValidationResult(dice=math.nan)
-        if self.ctx.is_main:
-            result = validate_images(model, self.val_samples, self.val_labels, self.cfg.data.class_names,
-                                     self.cfg.inference, self.amp_dtype)
-        result.dice = broadcast_from_main(self.ctx, [result.dice])[0]
+        """The task's validation; its score broadcast from rank 0, so every rank decides alike."""
+        result = self.task.validate(model)
+        result.score = broadcast_from_main(self.ctx, [result.score])[0]
         return result
 
     # ---- the run -------------------------------------------------------------------------------
@@ -220,7 +211,7 @@ class Trainer:
                 if si > si0:
                     model = B.switch_model(cfg, stage, model)
                 B.apply_stage(cfg, model, stage)
-                B.check_patch_size(cfg, model)
+                self.task.check_model(model)
                 model.to(ctx.device)
                 optimizer = B.build_optimizer(cfg.optim, model, stage.lr)
                 scheduler = B.build_scheduler(cfg.optim, optimizer, stage.epochs)
@@ -327,8 +318,8 @@ class Trainer:
 
         lr = optimizer.param_groups[0]["lr"]
         t0 = time.perf_counter()
-        loss_sum, n = train_one_epoch(net, self.loader, optimizer, self.loss_fn, ctx.device, self.amp_dtype, scaler,
-                                      cfg.optim.grad_clip, on_step)
+        loss_sum, n = train_one_epoch(net, self.loader, optimizer, self.task, ctx.device, scaler, cfg.optim.grad_clip,
+                                      on_step)
         train_seconds = time.perf_counter() - t0
         loss_sum, n_all = all_reduce_sum(ctx, [loss_sum, float(n)])
         train_loss = loss_sum / max(n_all, 1.0)
@@ -340,43 +331,36 @@ class Trainer:
         row: dict[str, Any] = {"epoch": epoch, "stage": stage.name, "lr": lr, "train_loss": train_loss,
                                "patches": int(n_all), "train_seconds": round(train_seconds, 3),
                                "patches_per_s": round(n_all / train_seconds, 2) if train_seconds > 0 else None}
-        improved = False
+        improved, shown = False, ""
         if cfg.train.val_every and (stage_epoch % cfg.train.val_every == 0 or stage_epoch == stage.epochs):
             val = self._validate(model)
             self.timings["validation"] += val.seconds
-            improved = early.update(val.dice, epoch)
-            row.update({k: v for k, v in val.metrics.items() if k in ("val_loss", "val_dice", "val_iou")})
+            improved = early.update(val.score, epoch)
+            row.update({k: v for k, v in val.metrics.items() if k in self.task.log_metrics})
             row["val_seconds"] = round(val.seconds, 3)
+            shown = f" val {self.task.score_name} {val.score:.4f}" if math.isfinite(val.score) else ""
+        # the log column keeps its historical name; it is the task's monitored score (segment: Dice)
         row["best_val_dice"] = early.to_dict()["best"]
         row["epoch_seconds"] = round(time.perf_counter() - t0, 3)
-        bar.update(task, info=f"loss {train_loss:.4f}" + (f"  val Dice {row['val_dice']:.4f}" if "val_dice" in row
-                                                            and row["val_dice"] is not None else ""))
+        bar.update(task, info=f"loss {train_loss:.4f} " + shown)
         if bar.disable:
-            dice = row.get("val_dice")
             self.console.print(f"epoch {epoch}/{total} [{stage.name}] loss {train_loss:.4f} lr {lr:.3g} "
-                               f"{row['patches_per_s']} patches/s" + ("" if dice is None else f" val Dice {dice:.4f}"),
-                               markup=False, highlight=False)
+                               f"{row['patches_per_s']} patches/s" + shown, markup=False, highlight=False)
         return row, improved
 
     # ---- the end -------------------------------------------------------------------------------
     def _finish(self, model: nn.Module, stage_results: list[dict], stopped: str, epoch: int,
                 run_seconds: float) -> Path | None:
-        """Final validation with bootstrap CIs, report and bundle (rank 0)."""
-        from mammocad.evaluation.report import write_report
+        """Final validation with bootstrap CIs (the task's), report and bundle (rank 0)."""
         from mammocad.models.bundle import save_bundle
         from mammocad.training.card import build_card
 
         t0 = time.monotonic()
         if not self.ctx.is_main:
             return None
-        report = None
-        if self.val_samples:
-            val = validate_images(model, self.val_samples, self.val_labels, self.cfg.data.class_names,
-                                  self.cfg.inference, self.amp_dtype, n_boot=self.cfg.train.final_n_boot)
-            report = val.report
-            write_report(report, self.out / "validation")
-            self.console.print(f"mammocad: validation Dice (lesion images) {val.dice:.4f} "
-                               f"on {report.n_images} images of {report.n_patients} patients")
+        report, line = self.task.final_validation(model, self.out / "validation", self.cfg.train.final_n_boot)
+        if line:
+            self.console.print(f"mammocad: {line}")
         training = {"epochs": epoch, "stopped": stopped, "complete": stopped in ("completed", "early_stopping"),
                     "stages": stage_results, "seconds": round(run_seconds, 1), "device": str(self.ctx.device),
                     "world_size": self.ctx.world_size,

@@ -18,6 +18,9 @@ tile 256, overlap 0.25):
 papers reproduced here: a full-resolution mammogram's activations did not fit in GPU memory, so the
 image is cut into 2 x 2 quadrants, each predicted on its own and the outputs stitched, without
 overlap or blending (seams are the price of the memory saving).
+
+It lives with the tasks (layer: tasks < training/inference) because tasks supply the inference on
+the prepared grid that both training-time validation and ``Predictor`` run.
 """
 
 from __future__ import annotations
@@ -162,20 +165,24 @@ def _batches(idx: np.ndarray, size: int) -> Iterator[np.ndarray]:
 
 def predict_tiled(model: nn.Module, image: np.ndarray, tile: int = 256, overlap: float = 0.25, batch_size: int = 8,
                   breast_mask: np.ndarray | None = None, mode: str = "sliding", autocast: str = "auto",
-                  device: torch.device | str | None = None, num_threads: int | None = None,
-                  sigma_scale: float = 0.125, channels_last: bool = True) -> np.ndarray:
+                  device: torch.device | str | None = None, sigma_scale: float = 0.125,
+                  channels_last: bool = True) -> np.ndarray:
     """Whole-image probabilities ``(C_out, H, W)`` float32 of a segmentation model run tile by tile.
 
     ``C_out == 1``: sigmoid lesion probability; ``C_out > 1``: softmax, class 0 background. Windows
     without a breast pixel (``breast_mask``) are skipped and read as background. Logits are blended
     (weighted by the Gaussian map) before the activation, as nnU-Net and MONAI do. ``autocast="auto"``
-    runs bf16 where the CPU/GPU computes it natively. ``num_threads`` sets torch's intra-op threads for
-    this call only. The model is put in eval mode for the call and its mode restored afterwards.
+    runs bf16 where the CPU/GPU computes it natively.
 
-    ``channels_last``: convolutions run in NHWC, oneDNN's native layout on CPU (1.4x faster than NCHW
-    in fp32 for the U-Net, and bf16 pays only in NHWC: 2.6x more); a model whose weights are not
-    already channels-last is converted for the call and back after it (a few ms for 2M parameters;
-    a caller sharing the model between threads converts it once itself).
+    Safe to call from several threads on one model: nothing global or on the model changes during
+    a call -- no torch thread count (a process setting: set it once where the process is set up),
+    no memory format, and no train/eval switch for a model already in eval mode (one in training
+    mode, as during training-time validation, is switched to eval for the call and back).
+
+    ``channels_last``: the tiles are fed in NHWC, oneDNN's native layout on CPU (1.4x faster than NCHW
+    in fp32 for the U-Net, and bf16 pays only in NHWC: 2.6x more) -- when the model's weights are
+    channels-last too, which is the caller's job, done once: ``Predictor`` converts at load, training
+    validation before it validates (``is_channels_last``).
     """
     if batch_size < 1:
         raise ConfigError("batch_size", f"must be at least 1, got {batch_size}")
@@ -188,23 +195,15 @@ def predict_tiled(model: nn.Module, image: np.ndarray, tile: int = 256, overlap:
     t, b, lft, r = plan.pad
     canvas = np.pad(img, ((0, 0), (t, b), (lft, r))) if any(plan.pad) else img
 
-    old_threads = torch.get_num_threads()
     was_training = model.training
-    convert = channels_last and not _is_channels_last(model)
     try:
-        if num_threads:
-            torch.set_num_threads(int(num_threads))
-        model.eval()
-        if convert:
-            model.to(memory_format=torch.channels_last)
+        if was_training:
+            model.eval()
         with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             acc, wsum = _run_windows(model, canvas, plan, batch_size, dev, sigma_scale, channels_last)
     finally:
-        model.train(was_training)
-        if convert:
-            model.to(memory_format=torch.contiguous_format)
-        if num_threads:
-            torch.set_num_threads(old_threads)
+        if was_training:
+            model.train()
 
     h, w = plan.image_size
     with torch.inference_mode():
@@ -219,7 +218,8 @@ def predict_tiled(model: nn.Module, image: np.ndarray, tile: int = 256, overlap:
         return prob.cpu().numpy()
 
 
-def _is_channels_last(model: nn.Module) -> bool:
+def is_channels_last(model: nn.Module) -> bool:
+    """True when every 4-D weight of ``model`` is stored channels-last (NHWC)."""
     weights = [p for p in model.parameters() if p.ndim == 4]
     return bool(weights) and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
 
