@@ -11,7 +11,6 @@ a Markdown model card (README.md) is written beside the weights. The weights are
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 from mammocad.datasets.prepared import PreparedDataset
 from mammocad.evaluation.run import evaluate_prepared
 from mammocad.io.atomic import atomic_path, atomic_write_text
+from mammocad.io.discover import file_sha256
+from mammocad.models.card import validate_card
 from mammocad.training.card import validation_summary
 from mammocad.training.config import load_config
 
@@ -53,6 +54,9 @@ def model_card_markdown(card: dict) -> str:
         f"- Training: {json.dumps({k: tr.get(k) for k in ('epochs', 'stopped', 'seconds', 'device', 'amp', 'seed', 'patches_per_epoch')})}; "
         f"stages {json.dumps(tr.get('stages', []))}",
         "", "## Validation (development validation split, bundle post-processing, 95% bootstrap CI by patient)", "",
+        "**Optimistic.** One small development validation split that also chose the checkpoint (the best epoch "
+        "on it); nothing was held out from that choice, so these figures are not estimates for new patients "
+        "(see the limitations for what was measured on patients the model never saw).", "",
         f"- images {v['n_images']}, patients {v['n_patients']}, counts {json.dumps(v['counts'])}",
         f"- Dice, lesion images (mean): {_fmt(h.get('dice_lesion_images_mean'))}; max {_fmt(h.get('dice_lesion_images_max'))}",
         f"- IoU, lesion images (mean): {_fmt(h.get('iou_lesion_images_mean'))}",
@@ -61,12 +65,22 @@ def model_card_markdown(card: dict) -> str:
     ]
     det = v.get("detection")
     if det:
-        lines.append(f"- Lesion detection from the segmentation (hit: IoU >= 0.1 or centre inside): sensitivity at 1 "
-                     f"false-positive component per image {_fmt(det.get('sensitivity_at_1fp'))}; "
-                     f"lesions {det.get('n_lesions')}; FROC operating points {json.dumps(det.get('operating_points', {}))}")
+        scored = det.get("components_scored") or {}
+        rates = ", ".join(f"{p['fp_per_image']:g}: {p['sensitivity']:.3f}" for p in det.get("operating_points", [])
+                          if p.get("sensitivity") is not None)
+        lines.append(f"- Lesion detection (hit: IoU >= {det.get('iou_threshold', 0.1):g} or centroid inside), "
+                     f"{det.get('n_lesions')} lesions: FROC over candidate components "
+                     f"({json.dumps({k: scored.get(k) for k in ('source', 'probability_threshold', 'min_area_prepared_pixels', 'max_candidates_per_image', 'lowest_score', 'highest_score') if k in scored})}); "
+                     f"sensitivity at 1 FP/image {_fmt(det.get('sensitivity_at_1fp'))}; at k FP/image {{{rates}}}")
+        op = det.get("model_operating_point")
+        if op:
+            sens = "n/a" if op.get("sensitivity") is None else f"{op['sensitivity']:.3f}"
+            lines.append(f"- The model's operating point (what `mammocad predict` outputs: "
+                         f"{json.dumps({k: op.get(k) for k in ('probability_threshold', 'min_area_prepared_pixels', 'max_lesions') if k in op})}): "
+                         f"{op['fp_per_image']:.3f} FP/image at sensitivity {sens}")
     lines += ["", "## Limitations", ""] + [f"- {x}" for x in card.get("limitations", [])]
-    lines += ["", "The development validation split is small; the CIs say how little a single figure means. "
-              "Judge the model on your own data.", ""]
+    lines += ["", "The development validation split is small and chose the checkpoint; the CIs say how little a "
+              "single figure means. Judge the model on your own data.", ""]
     return "\n".join(lines)
 
 
@@ -93,6 +107,7 @@ def main() -> None:
     inf = cfg.inference
     spec = PreparedDataset(cfg.data.prepared).spec  # the pipeline the training images really went through
     card["preprocessing"], card["modality"] = spec.model_dump(mode="json"), spec.modality
+    card["task"] = cfg.task  # bundles trained before the card required it have none
     card["thresholds"] = {"probability": inf.threshold, "min_area": inf.min_area, "max_lesions": inf.max_lesions}
     card["tiling"] = {"tile": inf.tile, "overlap": inf.overlap, "mode": inf.mode, "batch_size": inf.batch_size,
                       "tta": list(inf.tta)}
@@ -101,14 +116,19 @@ def main() -> None:
     target.mkdir(parents=True, exist_ok=True)
     with atomic_path(target / "model.safetensors") as tmp:
         shutil.copyfile(args.bundle / "model.safetensors", tmp)
+    # the hash of the file as shipped: loading refuses weights that differ from it
+    card["weights_sha256"] = file_sha256(target / "model.safetensors")
+    validate_card(card, target / "model.json")
     atomic_write_text(target / "model.json", json.dumps(card, indent=2) + "\n")
     report = evaluate_prepared(target, cfg.data.prepared, split="val", fold=cfg.data.fold,
                                out_dir=args.bundle.parent / "ship_eval", n_boot=args.n_boot, device="cpu")
     card["validation"] = validation_summary(report)
-    card["validation_protocol"] = ("bundle post-processing as `mammocad predict`, on the prepared grid of the "
-                                   "validation split; checkpoint chosen on this split (optimistic)")
+    card["validation_protocol"] = ("`mammocad evaluate --model`: the bundle predicts each validation case's original "
+                                   "image exactly as `mammocad predict` does, masks are mapped onto the prepared grid "
+                                   "and scored there; detection FROC over low-threshold candidates with the "
+                                   "bundle's operating point marked; checkpoint chosen on this split (optimistic)")
     _strip_local_paths(card)
-    card["weights_sha256"] = hashlib.sha256((target / "model.safetensors").read_bytes()).hexdigest()
+    validate_card(card, target / "model.json")
     atomic_write_text(target / "model.json", json.dumps(card, indent=2) + "\n")
     atomic_write_text(target / "README.md", model_card_markdown(card))
     print(model_card_markdown(card))

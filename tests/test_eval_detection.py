@@ -10,11 +10,12 @@ import pytest
 
 from conftest import shared_path
 from mammocad.errors import InputError
-from mammocad.evaluation import (Component, DetectionImage, EvalItem, components_from_probability,
-                                 evaluate_lesion_detection, evaluate_segmentation, lesion_masks, write_report)
+from mammocad.evaluation import (DetectionImage, EvalItem, evaluate_lesion_detection, evaluate_segmentation,
+                                 lesion_masks, write_report)
 from mammocad.evaluation.lesion_detection import (MatchedImage, _sensitivity_at_k_statistic, component_hits,
                                                   evaluate_matched, froc_curve, match_image)
-from mammocad.records import Lesion
+from mammocad.records import CroppedMask, Lesion, LesionComponent
+from mammocad.tasks.segment_lesions import probability_to_lesions
 
 
 def box_mask(shape, rows, cols):
@@ -25,36 +26,20 @@ def box_mask(shape, rows, cols):
 
 def test_centre_inside_rule_without_iou():
     lesion = box_mask((20, 20), (9, 11), (9, 11))  # 2x2 in the middle of a 10x10 component
-    comp = Component.from_mask(box_mask((20, 20), (5, 15), (5, 15)), 0.7)
-    assert comp.box == (5, 5, 15, 15) and comp.mask.shape == (10, 10)
+    comp = LesionComponent.from_mask(box_mask((20, 20), (5, 15), (5, 15)), 0.7)
+    assert comp.box == (5, 5, 15, 15) and comp.mask.mask.shape == (10, 10)
     # IoU = 4/100 < 0.1, but the centroid (pixel-edge 10, 10) is inside the lesion
     assert component_hits(comp, lesion)
-    off_centre = Component.from_mask(box_mask((20, 20), (10, 20), (10, 20)), 0.7)  # overlaps 1 px, centroid outside
+    off_centre = LesionComponent.from_mask(box_mask((20, 20), (10, 20), (10, 20)), 0.7)  # overlaps 1 px, centroid outside
     assert not component_hits(off_centre, lesion)
 
 
 def test_iou_rule_without_centre():
     lesion = box_mask((4, 16), (0, 4), (0, 4))  # 16 px
-    near = Component.from_mask(box_mask((4, 16), (0, 4), (3, 7)), 0.5)  # IoU 4/28 = 0.143, centroid col 5
-    far = Component.from_mask(box_mask((4, 16), (0, 4), (3, 13)), 0.5)  # IoU 4/52 = 0.077, centroid col 8
+    near = LesionComponent.from_mask(box_mask((4, 16), (0, 4), (3, 7)), 0.5)  # IoU 4/28 = 0.143, centroid col 5
+    far = LesionComponent.from_mask(box_mask((4, 16), (0, 4), (3, 13)), 0.5)  # IoU 4/52 = 0.077, centroid col 8
     assert component_hits(near, lesion) and not component_hits(far, lesion)
     assert not component_hits(near, lesion, iou_threshold=0.15)
-
-
-def test_components_from_probability():
-    prob = np.zeros((10, 12), np.float32)
-    prob[1:3, 1:4] = 0.6
-    prob[2, 2] = 0.7  # blob 1: 6 px, max 0.7, mean (5*0.6+0.7)/6
-    prob[6:9, 8:10] = 0.9  # blob 2: 6 px, max 0.9
-    prob[0, 11] = 0.99  # 1 px: below min_area
-    comps = components_from_probability(prob, threshold=0.5, min_area=2)
-    assert [c.box for c in comps] == [(8, 6, 10, 9), (1, 1, 4, 3)]  # highest score first
-    assert [c.score for c in comps] == pytest.approx([0.9, 0.7])
-    assert [int(c.mask.sum()) for c in comps] == [6, 6]
-    means = components_from_probability(prob, threshold=0.5, min_area=2, score="mean")
-    assert means[1].score == pytest.approx((5 * 0.6 + 0.7) / 6)
-    assert len(components_from_probability(prob, threshold=0.5, min_area=1)) == 3
-    assert components_from_probability(prob, threshold=1.0) == []
 
 
 def _sweep_example(with_empty_normal=True):
@@ -65,10 +50,11 @@ def _sweep_example(with_empty_normal=True):
     hit = box_mask(shape, (0, 3), (0, 3))
     away = box_mask(shape, (7, 9), (7, 9))
     away2 = box_mask(shape, (0, 2), (7, 9))
+    comp = LesionComponent.from_mask
     images = [
-        DetectionImage("A", "pA", shape, [lesion], [Component.from_mask(hit, 0.9), Component.from_mask(away, 0.8)]),
-        DetectionImage("B", "pB", shape, [lesion], [Component.from_mask(hit, 0.4), Component.from_mask(away, 0.7)]),
-        DetectionImage("C", "pC", shape, [], [Component.from_mask(away, 0.95), Component.from_mask(away2, 0.6)]),
+        DetectionImage("A", "pA", shape, [lesion], [comp(hit, 0.9), comp(away, 0.8)]),
+        DetectionImage("B", "pB", shape, [lesion], [comp(hit, 0.4), comp(away, 0.7)]),
+        DetectionImage("C", "pC", shape, [], [comp(away, 0.95), comp(away2, 0.6)]),
     ]
     if with_empty_normal:
         images.append(DetectionImage("D", "pD", shape, [], []))
@@ -121,7 +107,7 @@ def test_bootstrap_statistic_matches_point_estimate():
 def test_lesions_without_geometry_are_counted_not_scored():
     shape = (6, 6)
     img = DetectionImage("x", "p", shape, [box_mask(shape, (0, 2), (0, 2)), None],
-                         [Component.from_mask(box_mask(shape, (0, 2), (0, 2)), 0.8)])
+                         [LesionComponent.from_mask(box_mask(shape, (0, 2), (0, 2)), 0.8)])
     rep = evaluate_lesion_detection([img], n_boot=100)
     assert rep.n_lesions == 1 and rep.n_lesions_without_geometry == 1
     assert rep.sensitivity_at_1fp.value == 1.0
@@ -137,8 +123,9 @@ def test_lesion_masks_from_records():
 
 def test_bad_components_and_mixed_items_raise():
     shape = (5, 5)
-    bad = Component(np.ones((2, 2), bool), 0.5, (4, 4, 6, 6))
-    with pytest.raises(InputError, match="^x: component box"):
+    bad = LesionComponent(mask=CroppedMask(np.ones((2, 2), bool), 4, 4, shape), box=(4, 4, 6, 6), area=4, score=0.5,
+                          label="lesion")
+    with pytest.raises(InputError, match="^x: component mask region"):
         match_image(DetectionImage("x", "p", shape, [], [bad]))
     gt = np.zeros(shape, np.uint8)
     items = [EvalItem("a", "p", gt, gt, lesion_masks=[], components=[]), EvalItem("b", "p", gt, gt)]
@@ -174,7 +161,7 @@ def test_mias_masks_as_predictions():
             gt[m] = 1
         src = "mdb001" if cid == "mdb003" else cid  # the normal film mdb003 gets mdb001's mask
         pred = (cv2.imread(str(mias / "masks" / f"{src}_mask.png"), cv2.IMREAD_GRAYSCALE) > 0).astype(np.uint8)
-        comps = components_from_probability(pred.astype(np.float32), threshold=0.5, min_area=1)
+        comps = probability_to_lesions(pred[None].astype(np.float32), threshold=0.5, min_area=1)
         items.append(EvalItem(cid, case.patient_id, gt, pred, case.label, lesion_masks=masks, components=comps))
     rep = evaluate_segmentation(items, ["background", "lesion"], n_boot=200)
     assert rep.counts == {"lesion_images": 4, "both_empty": 0, "false_positive_images": 1, "ignored_pixels": 0,

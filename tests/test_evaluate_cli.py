@@ -1,13 +1,13 @@
 """``evaluate_prepared`` and ``mammocad evaluate`` on a tiny prepared folder dataset with the pointwise
-"bright = lesion" bundle: Dice equals a hand computation on the prepared images; a ``mammocad predict``
-output folder scores close to the bundle run on the prepared grid; one-line errors."""
+"bright = lesion" bundle: Dice equals a hand computation on the prepared images (the bundle predicts the
+original films with the same spec, and its masks come back onto the prepared grid); a ``mammocad predict``
+output folder scores the same; one-line errors. The FROC, route and matching rules are in test_froc.py."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -29,10 +29,14 @@ CUT = (round(0.6 * 65535) + 0.5) / 65535  # half-way between two 16-bit levels: 
 def data(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("evaluate")
     raw = make_folder_dataset(root / "raw")
-    report = prepare_dataset("folder", raw, root / "prepared", spec=PreprocessSpec(long_side=256), workers=1, progress=False)
+    report = prepare_dataset("folder", raw, root / "prepared", spec=PreprocessSpec(long_side=256, intensity_percentile=100.0), workers=1, progress=False)
     assert report.n_failed == 0
     make_splits(root / "prepared", val=0.34, test=0.0, seed=0)
     bundle = pointwise_bundle(root / "bundle", cut=CUT, min_area=1)
+    # the bundle predicts the ORIGINAL films with its own spec: the dataset's, so the pixels are the same
+    card = json.loads((bundle / "model.json").read_text())
+    card["preprocessing"] = PreparedDataset(root / "prepared").spec.model_dump(mode="json")
+    (bundle / "model.json").write_text(json.dumps(card, indent=2))
     return {"root": root, "raw": raw, "prepared": root / "prepared", "bundle": bundle}
 
 
@@ -91,7 +95,7 @@ def test_cli_on_val_split_and_on_a_predictions_folder(data, tmp_path):
     assert result.exit_code == 0, result.output
     rows = per_image(out / "metrics.json")
     expected = hand_dice(PreparedDataset(prepared))
-    for case_id in ("a", "c"):  # same model, other grid (original -> prepared resampling): close, not equal
+    for case_id in ("a", "c"):  # masks mapped original -> prepared: close to the hand computation
         assert abs(rows[case_id]["dice"] - expected[case_id]) < 0.05, (case_id, rows[case_id]["dice"], expected[case_id])
     assert "predictions in" in (out / "metrics.md").read_text()
 
@@ -104,5 +108,7 @@ def test_cli_needs_exactly_one_source(data, tmp_path):
     for extra in ([], ["--model", str(data["bundle"]), "--predictions", str(tmp_path)]):
         result = CliRunner().invoke(app, ["evaluate", str(data["prepared"]), "--out", str(tmp_path / "o"), *extra])
         assert result.exit_code == 1 and "exactly one of --model and --predictions" in str(result.exception)
-    result = CliRunner().invoke(app, ["evaluate", str(data["prepared"]), "--model", str(data["bundle"]), "--split", "dev"])
+    result = CliRunner().invoke(app, ["evaluate", str(data["prepared"]), "--model", str(data["bundle"]), "--split", "dev",
+                                      "--out", str(tmp_path / "o")])
     assert result.exit_code == 1 and "unknown split 'dev'" in str(result.exception)
+    assert not (tmp_path / "o").exists()  # refused before the output folder is made

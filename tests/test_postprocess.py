@@ -2,13 +2,9 @@ import numpy as np
 import pytest
 
 from mammocad.errors import ConfigError, InputError
-from mammocad.inference.postprocess import (
-    lesions_to_original,
-    probability_to_lesions,
-    top_fraction_mean,
-    union_mask_original,
-)
+from mammocad.inference.postprocess import lesions_to_original, union_mask_original
 from mammocad.preprocess.geometry import Geometry
+from mammocad.tasks.segment_lesions import probability_to_lesions, top_fraction_mean
 
 
 def binary_map() -> np.ndarray:
@@ -84,7 +80,8 @@ def test_mapping_back_through_flip_crop_resize():
     prob = np.where(prepared, 0.9, 0.02).astype(np.float32)[None]
     comps = probability_to_lesions(prob, min_area=4)
     assert len(comps) == 1
-    (lesion, mask), = lesions_to_original(comps, geo)
+    (lesion,) = lesions_to_original(comps, geo)
+    mask = lesion.mask
     scale = max(w - 40, 360) / 128
     assert np.allclose(lesion.box, (250, 100, 330, 160), atol=scale)
     full = mask.full()
@@ -92,7 +89,7 @@ def test_mapping_back_through_flip_crop_resize():
     assert iou >= 0.95
     assert lesion.area == full.sum() and abs(lesion.area - truth.sum()) / truth.sum() < 0.1
     assert lesion.score == pytest.approx(0.9) and lesion.label == "lesion"
-    union = union_mask_original([(lesion, mask)], (h, w))
+    union = union_mask_original([lesion], (h, w))
     assert (union == full).all()
 
 
@@ -107,7 +104,7 @@ def test_mapping_through_pad_resize_drops_lesions_on_padding():
     assert len(comps) == 2  # the two touching regions are one component (one lesion)
     mapped = lesions_to_original(comps, geo)
     assert len(mapped) == 1  # the one drawn on padding is dropped
-    lesion, mask = mapped[0]
+    lesion, mask = mapped[0], mapped[0].mask
     assert lesion.box == (8.0, 8.0, 24.0, 20.0) and lesion.area == 16 * 12
     assert lesion.class_probabilities == pytest.approx({"benign": 0.5, "malignant": 0.5})
     assert mask.image_size == (50, 60)
@@ -129,3 +126,29 @@ def test_bad_inputs():
     comps = probability_to_lesions(binary_map())
     with pytest.raises(InputError, match="geometry output"):
         lesions_to_original(comps, Geometry((50, 50)))
+
+
+def test_lesions_to_prepared_inverts_lesions_to_original():
+    from mammocad.inference.postprocess import lesions_to_prepared
+
+    h, w = 300, 400
+    geo = Geometry((h, w)).flip().crop(20, 10, 380, 290).resize(100, 128)
+    prob = np.zeros((1, 100, 128), np.float32)
+    prob[0, 20:40, 30:60] = 0.9
+    prob[0, 60:70, 90:100] = 0.7
+    comps = probability_to_lesions(prob, min_area=4)
+    back = lesions_to_prepared(lesions_to_original(comps, geo), geo)
+    assert [c.score for c in back] == [c.score for c in comps] and [c.label for c in back] == ["lesion"] * 2
+    for c, b in zip(comps, back):  # original -> prepared by nearest neighbour: the same pixels, up to the rim
+        orig, mapped = c.mask.full(), b.mask.full()
+        assert (orig & mapped).sum() / (orig | mapped).sum() > 0.9 and b.area == mapped.sum()
+        assert b.box == b.mask.box and b.mask.image_size == (100, 128)
+    # a lesion in the part preprocessing cropped away is dropped
+    from mammocad.records import CroppedMask, PredictedLesion
+
+    corner = np.zeros((h, w), bool)
+    corner[0:5, 0:8] = True
+    outside = PredictedLesion(box=(0, 0, 8, 5), score=0.5, area=40.0, mask=CroppedMask.from_full(corner))
+    assert lesions_to_prepared([outside], geo) == []
+    with pytest.raises(InputError, match="no mask"):
+        lesions_to_prepared([PredictedLesion(box=(0, 0, 1, 1), score=0.5)], geo)

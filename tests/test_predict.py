@@ -12,6 +12,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 from typer.testing import CliRunner
 
 from conftest import shared_path
@@ -19,6 +20,7 @@ from mammocad.cli import app
 from mammocad.errors import DicomError, InputError
 from mammocad.inference.predict_run import DEFAULT_MODELS, input_modality, output_stems, predict_files
 from mammocad.inference.predictor import Predictor
+from mammocad.io.outdir import claim_output_dir
 from mammocad.models import create_model
 from mammocad.models.bundle import save_bundle
 from mammocad.preprocess.pipeline import PreprocessSpec
@@ -28,7 +30,7 @@ RECT_AREA = (RECT[2] - RECT[0]) * (RECT[3] - RECT[1])
 
 
 def pointwise_bundle(directory: Path, *, modality: str = "MG", cut: float = 0.7, long_side: int = 256,
-                     name: str = "pointwise", min_area: int = 4, gain: float = 60.0) -> Path:
+                     name: str = "pointwise", min_area: int = 4, gain: float = 60.0, version: str = "0.0.1") -> Path:
     """A bundle whose lesion probability is sigmoid(gain * (pixel - cut)): pixels brighter than ``cut``
     (on the prepared grid) are lesion. ``logreg`` with all weight on its raw-intensity feature."""
     model = create_model("logreg", num_classes=1, scales=[1.0])
@@ -36,7 +38,7 @@ def pointwise_bundle(directory: Path, *, modality: str = "MG", cut: float = 0.7,
         model.classifier.weight.zero_()
         model.classifier.weight[0, 0] = gain  # feature 0 is the pixel itself
         model.classifier.bias.fill_(-gain * cut)
-    card = {"name": name, "version": "0.0.1", "class_names": ["background", "lesion"],
+    card = {"name": name, "version": version, "task": "segment", "class_names": ["background", "lesion"],
             "preprocessing": PreprocessSpec(modality=modality, long_side=long_side).model_dump(mode="json"),
             "thresholds": {"probability": 0.5, "min_area": min_area},
             "tiling": {"tile": 128, "overlap": 0.25, "mode": "sliding", "batch_size": 4}}
@@ -207,14 +209,15 @@ def test_output_stems_are_unique_and_readable(tmp_path):
 
 
 @pytest.mark.realdata
-def test_input_modality_from_real_dicom_headers():
-    assert input_modality(shared_path("dicom", "fo-dicom", "GH133.dcm")) == "MG"
-    assert input_modality(shared_path("dicom", "dicom-test-files", "MG1_J2KI")) == "MG"  # RG modality, MLO view
-    with pytest.raises(DicomError, match="modality DX is neither"):
+def test_input_modality_says_where_it_came_from():
+    assert input_modality(shared_path("dicom", "fo-dicom", "GH133.dcm")) == ("MG", "dicom")
+    assert input_modality(shared_path("dicom", "dicom-test-files", "MG1_J2KI"), "US") == ("MG", "dicom")  # header wins
+    with pytest.raises(DicomError, match="modality DX is neither.*pass --model"):
         input_modality(shared_path("dicom", "highdicom", "dx_image.dcm"))  # a chest DX
     with pytest.raises(DicomError, match="modality CT"):
         input_modality(shared_path("dicom", "pydicom", "CT_small.dcm"))
-    assert input_modality(Path("film.png")) == "MG" and input_modality(Path("scan.jpg"), "US") == "US"
+    assert input_modality(Path("film.png")) == ("MG", "assumed")
+    assert input_modality(Path("scan.jpg"), "US") == ("US", "--modality")
 
 
 @pytest.mark.realdata
@@ -247,7 +250,7 @@ def test_bad_model_and_missing_input(tmp_path, bundle):
     png = write_png8(tmp_path / "a.png", breast_image())
     result = CliRunner().invoke(app, ["predict", str(png), "--out", str(tmp_path / "o"), "--model", str(tmp_path / "nope")])
     assert result.exit_code == 1 and isinstance(result.exception, InputError) and "no such bundle" in str(result.exception)
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists()  # --out is checked first but created only once the model loads
     report = predict_files([tmp_path / "missing.png", png], tmp_path / "o2", model=bundle, progress=False)
     assert report.n_done == 1 and report.failures == [{"input": str(tmp_path / "missing.png"),
                                                        "error": f"{tmp_path / 'missing.png'}: file not found"}]
@@ -299,7 +302,7 @@ def test_any_error_of_one_input_is_reported_and_the_batch_goes_on(tmp_path, bund
     real = Predictor(bundle, autocast="fp32")
 
     class Failing:
-        voi = real.voi
+        voi, name, version = real.voi, real.name, real.version
 
         def __init__(self, error_for):
             self.error_for = error_for
@@ -329,3 +332,154 @@ def test_any_error_of_one_input_is_reported_and_the_batch_goes_on(tmp_path, bund
         predict_files(files, tmp_path / "out2", model=bundle, progress=False,
                       load_predictor=lambda name: Failing({"a": KeyboardInterrupt()}))
     assert not (tmp_path / "out2" / "z.json").exists()
+
+
+# ---- issue 6: inputs, output folder, identity, modality source, size limit --------------------------
+def test_folder_walk_finds_suffixless_dicom_reports_the_rest_and_skips_output_folders(tmp_path, bundle):
+    root = tmp_path / "study"
+    write_png8(root / "film.png", breast_image(wall="L"))
+    write_mg_dicom(root / "DICOM" / "IM0001", breast_image(wall="R"), laterality="R")  # no suffix: told by content
+    (root / "DICOMDIR").write_bytes(b"\0" * 128 + b"DICM")
+    (root / "LICENSE").write_text("not an image, no suffix")
+    first = predict_files([root], root / "p1", model=bundle, progress=False)
+    assert (first.n_done, first.n_failed) == (2, 0)
+    # a second run into another folder under the input folder: p1's overlays and masks are not inputs
+    second = predict_files([root], root / "p2", model=bundle, progress=False)
+    assert (second.n_inputs, second.n_done, second.n_failed) == (2, 2, 0)
+    summary = json.loads((root / "p2" / "summary.json").read_text())
+    assert summary["not_used"] == [
+        {"path": str(root / "DICOMDIR"), "reason": "DICOMDIR index (the image files it lists are found on their own)"},
+        {"path": str(root / "LICENSE"), "reason": "not an image (no image suffix and no DICOM header)"},
+        {"path": str(root / "p1"), "reason": "a mammocad output folder (mammocad predict): its images are outputs, not inputs"},
+        {"path": str(root / "p2"), "reason": "the output folder of this run"}]
+    console = Console(record=True, width=200)
+    second.print_summary(console)
+    assert "paths in the input folders not used" in console.export_text()
+
+
+def test_second_run_into_a_claimed_output_folder_is_refused(tmp_path, bundle):
+    png = write_png8(tmp_path / "a.png", breast_image())
+    with claim_output_dir(tmp_path / "out", "predict"):  # another run is writing there (the lock is held)
+        with pytest.raises(InputError, match="another mammocad run is writing to this folder"):
+            predict_files([png], tmp_path / "out", model=bundle, progress=False)
+    assert not (tmp_path / "out" / "a.json").exists()
+    assert predict_files([png], tmp_path / "out", model=bundle, progress=False).n_done == 1  # released: it runs
+
+
+def test_concurrent_predict_process_is_refused(tmp_path, bundle):
+    """Two processes: the second exits 1 with one line while the first holds the folder."""
+    import subprocess
+    import sys
+
+    png = write_png8(tmp_path / "a.png", breast_image())
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from mammocad.io.outdir import claim_output_dir\n"
+        f"with claim_output_dir({str(tmp_path / 'out')!r}, 'predict'):\n"
+        "    print('held', flush=True); time.sleep(60)\n")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = CliRunner().invoke(app, ["predict", str(png), "--out", str(tmp_path / "out"), "--model", str(bundle)])
+        assert result.exit_code == 1 and isinstance(result.exception, InputError)
+        assert "another mammocad run is writing to this folder (predict pid" in str(result.exception)
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_overwrite_removes_the_previous_runs_lesion_masks(tmp_path, bundle):
+    path = tmp_path / "in" / "x.png"
+    img = breast_image(rect=None)
+    img[150:190, 300:340] = img[280:320, 300:340] = img[410:450, 300:340] = 1.0  # three lesions
+    write_png8(path, img)
+    out = tmp_path / "out"
+    predict_files([path], out, model=bundle, progress=False)
+    assert sorted(p.name for p in out.glob("x_lesion*.png")) == ["x_lesion1.png", "x_lesion2.png", "x_lesion3.png"]
+    write_png8(path, breast_image())  # now one lesion
+    report = predict_files([path], out, model=bundle, overwrite=True, progress=False)
+    assert report.n_done == 1 and sorted(p.name for p in out.glob("x_lesion*.png")) == ["x_lesion1.png"]
+    check_outputs(out, "x", (600, 480))
+
+
+def test_output_of_another_model_or_version_is_redone_not_skipped(tmp_path, bundle):
+    png = write_png8(tmp_path / "a.png", breast_image())
+    out = tmp_path / "out"
+    predict_files([png], out, model=bundle, progress=False)
+    again = predict_files([png], out, model=bundle, progress=False)
+    assert (again.n_done, again.n_skipped) == (0, 1)  # same model, same version: skipped
+    newer = pointwise_bundle(tmp_path / "v2", version="0.0.2")
+    report = predict_files([png], out, model=newer, progress=False)
+    assert (report.n_done, report.n_skipped, report.n_redone) == (1, 0, 1)
+    assert report.outputs[0]["note"] == "redone: written by model pointwise v0.0.1"
+    assert json.loads((out / "a.json").read_text())["model_version"] == "0.0.2"
+    assert json.loads((out / "summary.json").read_text())["redone"] == 1
+
+
+def test_json_records_the_inputs_sha256_and_size(tmp_path, bundle):
+    import hashlib
+
+    png = write_png8(tmp_path / "a.png", breast_image())
+    predict_files([png], tmp_path / "out", model=bundle, progress=False)
+    record = json.loads((tmp_path / "out" / "a.json").read_text())
+    data = png.read_bytes()
+    assert record["input_sha256"] == hashlib.sha256(data).hexdigest() and record["input_bytes"] == len(data)
+
+
+def test_plain_image_modality_is_assumed_and_said_so(tmp_path):
+    bundles = {"mammo-lesion-seg": pointwise_bundle(tmp_path / "mg", name="mg-test"),
+               "us-lesion-seg": pointwise_bundle(tmp_path / "us", name="us-test", modality="US")}
+
+    def load(name):
+        return Predictor(bundles[name], autocast="fp32")
+
+    png = write_png8(tmp_path / "in" / "scan.png", breast_image())
+    dcm = write_mg_dicom(tmp_path / "in" / "mg.dcm", breast_image(wall="L"), laterality="L")
+    report = predict_files([png, dcm], tmp_path / "o1", progress=False, load_predictor=load)
+    assert report.n_assumed == 1 and json.loads((tmp_path / "o1" / "summary.json").read_text())["modality_assumed"] == 1
+    source = {p: json.loads((tmp_path / "o1" / f"{p}.json").read_text())["attributes"]["modality_source"] for p in ("scan", "mg")}
+    assert source == {"scan": "assumed", "mg": "dicom"}
+    console = Console(record=True, width=200)
+    report.print_summary(console)
+    assert "modality assumed MG (plain images, no --modality)" in console.export_text()
+    report = predict_files([png], tmp_path / "o2", modality="US", progress=False, load_predictor=load)
+    record = json.loads((tmp_path / "o2" / "scan.json").read_text())
+    assert report.n_assumed == 0 and record["attributes"]["modality_source"] == "--modality" and record["model_name"] == "us-test"
+
+
+def test_image_over_the_pixel_limit_is_refused_before_decoding(tmp_path, bundle, monkeypatch):
+    png = write_png8(tmp_path / "a.png", breast_image())  # 480x600 = 0.29 MP
+    monkeypatch.setattr("mammocad.io.images.read_plain_image", lambda path: pytest.fail("decoded"))
+    report = predict_files([png], tmp_path / "out", model=bundle, max_pixels=100_000, progress=False)
+    assert report.n_failed == 1
+    assert report.failures[0]["error"] == (f"{png}: 480x600 pixels = 0.3 megapixels, over the limit of 0.1 megapixels "
+                                           "(raise it with --max-pixels)")
+
+
+def test_a_changed_input_is_redone_not_skipped(tmp_path, bundle):
+    """An image replaced under the same name must not keep its old result (same model and version)."""
+    png = write_png8(tmp_path / "a.png", breast_image())
+    out = tmp_path / "out"
+    predict_files([png], out, model=bundle, progress=False)
+    write_png8(png, breast_image(rect=(100, 100, 160, 150)))  # same name, another picture
+    report = predict_files([png], out, model=bundle, progress=False)
+    assert (report.n_done, report.n_skipped) == (1, 0)
+    assert report.outputs[0]["note"] == "redone: the input file changed since it was predicted"
+    import hashlib
+
+    assert json.loads((out / "a.json").read_text())["input_sha256"] == hashlib.sha256(png.read_bytes()).hexdigest()
+    assert predict_files([png], out, model=bundle, progress=False).n_skipped == 1  # unchanged now: skipped
+
+
+def test_an_input_folder_as_out_is_refused_and_left_unmarked(tmp_path, bundle):
+    """``predict DIR --out DIR`` (everything in DIR would be excluded as output) is refused, and a
+    user's folder that is not empty never gets the output marker that hides it from later runs."""
+    from mammocad.io.outdir import is_output_dir
+
+    folder = tmp_path / "films"
+    write_png8(folder / "a.png", breast_image())
+    with pytest.raises(InputError, match="is an input folder"):
+        predict_files([folder], folder, model=bundle, progress=False)
+    assert not is_output_dir(folder)
+    report = predict_files([folder / "a.png"], folder, model=bundle, progress=False)  # a file in it: allowed
+    assert report.n_done == 1 and not is_output_dir(folder)
+    report = predict_files([folder / "a.png"], tmp_path / "out", model=bundle, progress=False)
+    assert report.n_done == 1 and is_output_dir(tmp_path / "out")  # created by the run: marked

@@ -60,3 +60,38 @@ def test_error_is_one_line_naming_the_source():
     err = InputError("/data/x.dcm", "truncated\npixel data")
     assert str(err) == "/data/x.dcm: truncated pixel data"
     assert isinstance(err, MammocadError)
+
+
+def test_cropped_mask_rle_is_coco_rle_of_the_full_mask():
+    from pycocotools import mask as coco_mask
+
+    from mammocad.records import CroppedMask
+
+    rng = np.random.default_rng(0)
+    for shape, window in (((40, 30), (5, 7, 20, 25)), ((13, 9), (0, 0, 13, 9)), ((8, 6), (7, 5, 8, 6))):
+        full = np.zeros(shape, bool)
+        y0, x0, y1, x1 = window
+        full[y0:y1, x0:x1] = rng.random((y1 - y0, x1 - x0)) < 0.5
+        full[y0, x0] = True
+        cropped = CroppedMask.from_full(full)
+        rle = cropped.to_rle()
+        expected = coco_mask.encode(np.asfortranarray(full.astype(np.uint8)))
+        assert rle == {"size": list(shape), "counts": expected["counts"].decode("ascii")}
+        back = CroppedMask.from_rle(json.loads(json.dumps(rle)))
+        assert np.array_equal(back.full(), full) and back.box == cropped.box and back.area == int(full.sum())
+
+
+def test_predicted_lesion_mask_stays_in_memory_candidates_carry_rle():
+    from mammocad.records import CroppedMask
+
+    full = np.zeros((40, 30), bool)
+    full[10:14, 3:9] = True
+    lesion = PredictedLesion(box=(3, 10, 9, 14), score=0.7, area=24.0, mask=CroppedMask.from_full(full))
+    assert "mask" not in lesion.to_dict() and "mask_rle" not in lesion.to_dict()
+    pred = Prediction(image_path="a.png", image_size=(40, 30), model_name="m", model_version="1",
+                      lesions=[lesion], candidates=[lesion])
+    d = json.loads(json.dumps(pred.to_dict()))
+    assert "mask_rle" not in d["lesions"][0] and "mask_rle" in d["candidates"][0]
+    back = Prediction.from_dict(d)
+    assert back == pred and back.lesions[0].mask is None
+    assert np.array_equal(back.candidates[0].mask.full(), full)

@@ -14,10 +14,15 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+import numpy as np
+
 PATHOLOGIES = ("benign", "malignant", "unknown")
 IMAGE_LABELS = ("normal", "benign", "malignant", "unknown")
 LESION_KINDS = ("mass", "calcification", "distortion", "asymmetry", "other")
 MODALITIES = ("MG", "US")
+# ``Case.attributes`` key of a case an adapter refuses (e.g. a CT among mammograms): the one-line
+# error ``prepare`` reports as that case's failure instead of preparing it
+REFUSED = "refused"
 
 
 def _check(value: str | None, allowed: tuple[str, ...], what: str) -> None:
@@ -115,8 +120,119 @@ def label_from_lesions(lesions: Iterable[Lesion]) -> str:
 
 
 @dataclass
+class CroppedMask:
+    """A bool mask stored as its bounding region: ``full()[y0:y0+h, x0:x0+w] == mask``, zero elsewhere.
+
+    A lesion covers a tiny part of a mammogram: a full 3328 x 4084 bool mask per lesion would cost
+    13.6 MB for nothing. It lives here, beside ``PredictedLesion`` which carries one in memory."""
+
+    mask: np.ndarray  # bool (h, w)
+    x0: int
+    y0: int
+    image_size: tuple[int, int]  # (H, W) of the grid the mask lives on
+
+    @property
+    def area(self) -> int:
+        return int(np.count_nonzero(self.mask))
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """Tight [x0, y0, x1, y1] (pixel edges, exclusive end) of the set pixels."""
+        rows, cols = np.flatnonzero(self.mask.any(axis=1)), np.flatnonzero(self.mask.any(axis=0))
+        if rows.size == 0:
+            return (self.x0, self.y0, self.x0, self.y0)
+        return (self.x0 + int(cols[0]), self.y0 + int(rows[0]), self.x0 + int(cols[-1]) + 1, self.y0 + int(rows[-1]) + 1)
+
+    def paste_into(self, canvas: np.ndarray, value: int | bool = True) -> np.ndarray:
+        h, w = self.mask.shape
+        canvas[self.y0:self.y0 + h, self.x0:self.x0 + w][self.mask] = value
+        return canvas
+
+    def full(self) -> np.ndarray:
+        return self.paste_into(np.zeros(self.image_size, dtype=bool))
+
+    @classmethod
+    def from_full(cls, mask: np.ndarray) -> "CroppedMask":
+        """The bounding region of a full-size mask (an empty mask keeps a 0 x 0 region)."""
+        mask = np.asarray(mask, dtype=bool)
+        rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+        if rows.size == 0:
+            return cls(np.zeros((0, 0), dtype=bool), 0, 0, (int(mask.shape[0]), int(mask.shape[1])))
+        y0, y1, x0, x1 = int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1
+        return cls(mask[y0:y1, x0:x1].copy(), x0, y0, (int(mask.shape[0]), int(mask.shape[1])))
+
+    def to_rle(self) -> dict[str, Any]:
+        """COCO compressed RLE (``{"size": [H, W], "counts": str}``) of the full-size mask.
+
+        The runs are counted on the mask's column band only (COCO runs go down the columns, so the
+        columns left and right of the band are one run of zeros each) and pycocotools compresses them:
+        no full-size copy of the image per mask."""
+        from pycocotools import mask as coco_mask
+
+        big_h, big_w = self.image_size
+        h, w = self.mask.shape
+        band = np.zeros((big_h, w), dtype=np.int8)
+        band[self.y0:self.y0 + h] = self.mask
+        flat = band.T.ravel()  # column-major: the band's slice of the full image's run order
+        edges = np.concatenate(([0], np.flatnonzero(np.diff(flat)) + 1, [flat.size]))
+        runs = np.diff(edges).tolist()
+        if flat.size and flat[0]:
+            runs.insert(0, 0)  # COCO counts start with a run of zeros
+        lead, trail = self.x0 * big_h, (big_w - self.x0 - w) * big_h
+        runs = runs or [0]
+        runs[0] += lead
+        if len(runs) % 2:  # ends on zeros
+            runs[-1] += trail
+        elif trail:
+            runs.append(trail)
+        rle = coco_mask.frPyObjects({"counts": runs, "size": [big_h, big_w]}, big_h, big_w)
+        return {"size": [int(big_h), int(big_w)], "counts": rle["counts"].decode("ascii")}
+
+    @classmethod
+    def from_rle(cls, rle: dict[str, Any]) -> "CroppedMask":
+        """Inverse of ``to_rle`` (also takes uncompressed COCO RLE)."""
+        from pycocotools import mask as coco_mask
+
+        h, w = (int(v) for v in rle["size"])
+        counts = rle["counts"]
+        if isinstance(counts, list):
+            coded = coco_mask.frPyObjects({"counts": counts, "size": [h, w]}, h, w)
+        else:
+            coded = {"size": [h, w], "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+        return cls.from_full(coco_mask.decode(coded).astype(bool))
+
+
+@dataclass
+class LesionComponent:
+    """One predicted lesion on the PREPARED (model) grid: a connected component of a thresholded
+    probability map (``tasks.segment_lesions.probability_to_lesions``), or an original-grid
+    ``PredictedLesion`` mapped forward for scoring. Its twin on the original grid is ``PredictedLesion``."""
+
+    mask: CroppedMask
+    box: tuple[int, int, int, int]  # [x0, y0, x1, y1] pixel edges, exclusive end
+    area: int  # pixels
+    score: float  # mean of the top 10 % lesion probabilities inside the component
+    label: str  # class name
+    class_probabilities: dict[str, float] = field(default_factory=dict)  # foreground classes, sum to 1
+
+    @classmethod
+    def from_mask(cls, mask: np.ndarray, score: float, label: str = "lesion",
+                  class_probabilities: dict[str, float] | None = None) -> "LesionComponent":
+        """A component from a full-size boolean mask of its grid (kept cropped to its bounding box)."""
+        cropped = CroppedMask.from_full(mask)
+        if cropped.area == 0:
+            raise ValueError("empty component mask")
+        return cls(mask=cropped, box=cropped.box, area=cropped.area, score=float(score), label=label,
+                   class_probabilities=dict(class_probabilities or {}))
+
+
+@dataclass
 class PredictedLesion:
-    """One lesion found by a model, in the original image's pixel coordinates."""
+    """One lesion found by a model, in the original image's pixel coordinates.
+
+    ``mask`` is the lesion's pixels on the original grid, held in memory only (``to_dict`` leaves it
+    out unless ``mask_rle=True``; ``mammocad predict`` writes lesion masks as PNG files, candidates
+    as RLE): the one predicted-lesion type of the original grid, for writing and for scoring."""
 
     box: tuple[float, float, float, float]
     score: float
@@ -124,25 +240,35 @@ class PredictedLesion:
     class_probabilities: dict[str, float] = field(default_factory=dict)
     area: float = 0.0  # pixels in the original image
     mask_path: str | None = None
+    mask: CroppedMask | None = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         self.box = tuple(float(v) for v in self.box)  # type: ignore[assignment]
         self.score = float(self.score)
 
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+    def to_dict(self, mask_rle: bool = False) -> dict[str, Any]:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "mask"}
         d["box"] = list(self.box)
+        d["class_probabilities"] = dict(self.class_probabilities)
+        if mask_rle and self.mask is not None:
+            d["mask_rle"] = self.mask.to_rle()
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PredictedLesion":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
+        known = {f.name for f in fields(cls)} - {"mask"}
+        rle = d.get("mask_rle")
+        return cls(**{k: v for k, v in d.items() if k in known}, mask=None if rle is None else CroppedMask.from_rle(rle))
 
 
 @dataclass
 class Prediction:
-    """What a model said about one image."""
+    """What a model said about one image.
+
+    ``lesions`` are what the model outputs at its operating point (threshold, minimum area, max
+    lesions); ``candidates`` are every component found at a low probability threshold, each with its
+    score (``attributes["candidate_search"]`` says which threshold and cap): what a FROC curve needs,
+    since the lesions alone give one point of it."""
 
     image_path: str
     image_size: tuple[int, int]  # (height, width) of the original image
@@ -151,15 +277,19 @@ class Prediction:
     lesions: list[PredictedLesion] = field(default_factory=list)
     image_probabilities: dict[str, float] = field(default_factory=dict)
     attributes: dict[str, Any] = field(default_factory=dict)
+    candidates: list[PredictedLesion] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
         self.lesions = [p if isinstance(p, PredictedLesion) else PredictedLesion.from_dict(p) for p in self.lesions]
+        self.candidates = [p if isinstance(p, PredictedLesion) else PredictedLesion.from_dict(p) for p in self.candidates]
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON-ready; candidates carry their masks as COCO RLE (they have no mask files)."""
         d = {f.name: getattr(self, f.name) for f in fields(self)}
         d["image_size"] = list(self.image_size)
         d["lesions"] = [p.to_dict() for p in self.lesions]
+        d["candidates"] = [p.to_dict(mask_rle=True) for p in self.candidates]
         return d
 
     @classmethod

@@ -2,14 +2,13 @@
 bootstrap CIs, and the JSON + Markdown report writers."""
 
 from mammocad.evaluation.bootstrap import ConfidenceInterval, MetricValue, bootstrap_ci, grouped_mean_ci
-from mammocad.evaluation.lesion_detection import (Component, DetectionImage, DetectionReport,
-                                                  components_from_probability, evaluate_lesion_detection,
+from mammocad.evaluation.lesion_detection import (DetectionImage, DetectionReport, evaluate_lesion_detection,
                                                   lesion_masks)
 from mammocad.evaluation.report import write_report
 from mammocad.evaluation.segmentation import EvalItem, SegmentationReport, evaluate_segmentation
 
 __all__ = [
-    "Component", "ConfidenceInterval", "DetectionImage", "DetectionReport", "EvalItem", "MetricValue",
-    "SegmentationReport", "bootstrap_ci", "components_from_probability", "evaluate_lesion_detection",
+    "ConfidenceInterval", "DetectionImage", "DetectionReport", "EvalItem", "MetricValue",
+    "SegmentationReport", "bootstrap_ci", "evaluate_lesion_detection",
     "evaluate_segmentation", "grouped_mean_ci", "lesion_masks", "write_report",
 ]

@@ -10,22 +10,31 @@ component "hits" it. Rules used here (also written into every report):
   lesion that another component also hits is neither a second true positive nor a false positive);
 * FP per image divides by ALL images, normal images included;
 * sensitivity at k FP/image is the highest sensitivity over thresholds whose FP/image <= k;
-* lesions without geometry cannot be scored: they are counted and reported, not in the denominator.
+* lesions without geometry cannot be scored: they are counted and reported, not in the denominator;
+  lesions lost in preprocessing (nothing of them on the prepared grid) likewise, with the reason.
 
-pycocotools/torchmetrics compute COCO AP with one-to-one matching, not this hit rule or FROC, so
-the matching is hand-written; it works on component crops so memory stays per image.
+The curve is only as wide as the components it is given: components already cut at a model's
+operating threshold give a plateau (every FP rate above the model's own reads the same sensitivity).
+Evaluation therefore scores CANDIDATES (every component at a low probability threshold, each with
+its score) and reports the model's own output (``operating_components``) as one separate point.
+
+Components are ``records.LesionComponent`` (the prepared-grid predicted-lesion type,
+mask kept cropped so memory stays per image). pycocotools/torchmetrics compute COCO AP with
+one-to-one matching, not this hit rule or FROC, so the matching is hand-written.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
 from mammocad.errors import InputError
 from mammocad.evaluation.bootstrap import (DEFAULT_CONFIDENCE, DEFAULT_N_BOOT, DEFAULT_SEED, SINGLE_GROUP_NOTE,
                                            MetricValue, bootstrap_ci, group_index, ratio)
+from mammocad.records import LesionComponent
 
 DEFAULT_IOU_THRESHOLD = 0.1
 DEFAULT_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
@@ -35,63 +44,22 @@ def detection_rules(iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> list[str]:
     return [
         f"Hit: a predicted connected component hits a lesion if IoU(component, lesion) >= {iou_threshold:g}, "
         "or if the component's centroid (centre of mass of its pixels) lies inside the lesion.",
-        "A lesion is detected at threshold t if any component with score >= t hits it.",
+        "A lesion is detected at threshold t if any component with score >= t hits it (its score: the best "
+        "score of the components hitting it).",
         "False positive at t: a component with score >= t that hits no lesion; a second component on an "
         "already-hit lesion counts as neither a true nor a false positive.",
         "FP per image = false positives / number of ALL images (normal images included).",
+        "FROC: one point per distinct score of the scored components (see 'Components scored'), from the "
+        "highest score to the lowest.",
         "Sensitivity at k FP/image = the highest sensitivity over score thresholds whose FP/image <= k "
         "(no interpolation; 0 if no threshold qualifies).",
+        "Operating point: the model's own output (its probability threshold, minimum area and max lesions: what "
+        "`mammocad predict` writes as lesions), matched by the same rules, all of it counted: one point.",
         "Lesions without geometry cannot be scored: they are counted separately and left out of the "
-        "sensitivity denominator.",
+        "sensitivity denominator. Lesions lost in preprocessing (nothing of them left on the prepared grid) "
+        "are counted with the reason and left out likewise.",
         "95% CI of sensitivity at 1 FP/image: percentile bootstrap resampling patients.",
     ]
-
-
-class Component(NamedTuple):
-    """One predicted connected component. ``mask`` is cropped to ``box`` (shape y1-y0, x1-x0) so a
-    film with many components does not hold many full-size masks."""
-
-    mask: np.ndarray  # bool
-    score: float
-    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in pixel-edge coordinates, exclusive end
-
-    @classmethod
-    def from_mask(cls, mask: np.ndarray, score: float) -> "Component":
-        """Component from a full-size boolean mask (cropped to its bounding box)."""
-        from mammocad.datasets.rasterize import mask_to_box
-
-        mask = np.asarray(mask, dtype=bool)
-        box = mask_to_box(mask)
-        if box is None:
-            raise ValueError("empty component mask")
-        x0, y0, x1, y1 = (int(v) for v in box)
-        return cls(mask[y0:y1, x0:x1], float(score), (x0, y0, x1, y1))
-
-
-def components_from_probability(prob_map: np.ndarray, threshold: float = 0.5, min_area: int = 1, *,
-                                score: str = "max", connectivity: int = 8) -> list[Component]:
-    """Connected components of ``prob_map >= threshold`` with at least ``min_area`` pixels, each
-    scored by the max (or mean) probability inside it, highest score first."""
-    import cv2
-
-    prob = np.asarray(prob_map, dtype=np.float32)
-    if prob.ndim != 2:
-        raise ValueError(f"probability map must be 2-D, got shape {prob.shape}")
-    if score not in ("max", "mean"):
-        raise ValueError(f"score must be 'max' or 'mean', got {score!r}")
-    n, labels, stats, _ = cv2.connectedComponentsWithStats((prob >= threshold).astype(np.uint8), connectivity=connectivity)
-    out = []
-    for i in range(1, n):
-        if stats[i, cv2.CC_STAT_AREA] < min_area:
-            continue
-        # scored on the component's crop: scipy.ndimage.maximum(labels=...) sorts the whole image
-        # (about 0.3 s per 1024x1024 film), the crops cost only their own area
-        x, y, w, h = (int(v) for v in stats[i, :4])
-        mask = labels[y:y + h, x:x + w] == i
-        values = prob[y:y + h, x:x + w][mask]
-        out.append(Component(mask, float(values.max() if score == "max" else values.mean()), (x, y, x + w, y + h)))
-    out.sort(key=lambda c: -c.score)
-    return out
 
 
 def lesion_masks(lesions: Iterable, shape: tuple[int, int]) -> list[np.ndarray | None]:
@@ -104,13 +72,17 @@ def lesion_masks(lesions: Iterable, shape: tuple[int, int]) -> list[np.ndarray |
 @dataclass
 class DetectionImage:
     """One image's ground-truth lesions (full-size boolean masks; None = lesion without geometry)
-    and predicted components."""
+    and predicted components: ``components`` are what the curve is drawn from (candidates),
+    ``operating_components`` the model's own output (its operating point; None: not given).
+    ``lost_lesions`` (lesion index -> reason) are lesions preprocessing lost: not scored."""
 
     case_id: str
     patient_id: str
     shape: tuple[int, int]
     lesion_masks: list[np.ndarray | None]
-    components: list[Component]
+    components: list[LesionComponent]
+    operating_components: list[LesionComponent] | None = None
+    lost_lesions: dict[int, str] = field(default_factory=dict)
 
 
 @dataclass
@@ -123,50 +95,47 @@ class MatchedImage:
     fp_scores: np.ndarray  # scores of components hitting no lesion
     n_without_geometry: int = 0
     n_components: int = 0
+    lost_reasons: tuple[str, ...] = ()  # one per lesion lost in preprocessing
+    score_range: tuple[float, float] | None = None  # lowest, highest score of the components
+    operating: tuple[int, int, int] | None = None  # operating components: detected lesions, FPs, components
 
 
-def _check_component(c: Component, shape: tuple[int, int], source: str) -> None:
-    x0, y0, x1, y1 = c.box
-    if not (0 <= x0 < x1 <= shape[1] and 0 <= y0 < y1 <= shape[0]):
-        raise InputError(source, f"component box {c.box} lies outside the {shape[1]}x{shape[0]} image")
-    if np.shape(c.mask) != (y1 - y0, x1 - x0):
-        raise InputError(source, f"component mask shape {np.shape(c.mask)} does not match its box {c.box}")
+def _check_component(c: LesionComponent, shape: tuple[int, int], source: str) -> None:
+    m = c.mask
+    h, w = np.shape(m.mask)
+    if tuple(m.image_size) != tuple(shape):
+        raise InputError(source, f"component mask on a {tuple(m.image_size)} grid, the image is {tuple(shape)}")
+    if not (0 <= m.x0 and 0 <= m.y0 and m.x0 + w <= shape[1] and m.y0 + h <= shape[0]):
+        raise InputError(source, f"component mask region ({m.x0}, {m.y0}, {m.x0 + w}, {m.y0 + h}) lies outside "
+                                 f"the {shape[1]}x{shape[0]} image")
     if not np.isfinite(c.score):
         raise InputError(source, f"component score is {c.score}")
 
 
-def component_hits(component: Component, lesion: np.ndarray, iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> bool:
+def component_hits(component: LesionComponent, lesion: np.ndarray, iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> bool:
     """The hit rule: IoU >= threshold, or the centroid's pixel is inside the lesion."""
-    x0, y0, x1, y1 = component.box
-    cmask = np.asarray(component.mask, dtype=bool)
+    m = component.mask
+    cmask = np.asarray(m.mask, dtype=bool)
+    h, w = cmask.shape
     rr, cc = np.nonzero(cmask)
     if rr.size == 0:
         return False
     # Centroid in pixel-edge coordinates is (mean index + 0.5); the pixel containing it is floor().
-    pr, pc = int(np.floor(rr.mean() + 0.5)) + y0, int(np.floor(cc.mean() + 0.5)) + x0
+    pr, pc = int(np.floor(rr.mean() + 0.5)) + m.y0, int(np.floor(cc.mean() + 0.5)) + m.x0
     if lesion[pr, pc]:
         return True
-    inter = int(np.count_nonzero(lesion[y0:y1, x0:x1] & cmask))
+    inter = int(np.count_nonzero(lesion[m.y0:m.y0 + h, m.x0:m.x0 + w] & cmask))
     union = rr.size + int(np.count_nonzero(lesion)) - inter
     return union > 0 and inter / union >= iou_threshold
 
 
-def match_image(image: DetectionImage, iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> MatchedImage:
-    shape = tuple(int(v) for v in image.shape)
-    lesions = []
-    n_without = 0
-    for k, m in enumerate(image.lesion_masks):
-        if m is None:
-            n_without += 1
-            continue
-        m = np.asarray(m, dtype=bool)
-        if m.shape != shape:
-            raise InputError(image.case_id, f"lesion {k} mask shape {m.shape} differs from the image shape {shape}")
-        lesions.append(m)
+def _match(components: Sequence[LesionComponent], lesions: list[np.ndarray], shape: tuple[int, int], source: str,
+           iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """(best hit score per lesion, -inf when none; scores of components hitting no lesion)."""
     lesion_scores = np.full(len(lesions), -np.inf)
     fp = []
-    for c in image.components:
-        _check_component(c, shape, image.case_id)
+    for c in components:
+        _check_component(c, shape, source)
         hit_any = False
         for j, m in enumerate(lesions):
             if component_hits(c, m, iou_threshold):
@@ -174,8 +143,33 @@ def match_image(image: DetectionImage, iou_threshold: float = DEFAULT_IOU_THRESH
                 lesion_scores[j] = max(lesion_scores[j], c.score)
         if not hit_any:
             fp.append(c.score)
-    return MatchedImage(image.case_id, str(image.patient_id), lesion_scores, np.asarray(fp, dtype=np.float64),
-                        n_without, len(image.components))
+    return lesion_scores, np.asarray(fp, dtype=np.float64)
+
+
+def match_image(image: DetectionImage, iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> MatchedImage:
+    shape = tuple(int(v) for v in image.shape)
+    lesions = []
+    n_without = 0
+    lost = []
+    for k, m in enumerate(image.lesion_masks):
+        if k in image.lost_lesions:
+            lost.append(str(image.lost_lesions[k]))
+            continue
+        if m is None:
+            n_without += 1
+            continue
+        m = np.asarray(m, dtype=bool)
+        if m.shape != shape:
+            raise InputError(image.case_id, f"lesion {k} mask shape {m.shape} differs from the image shape {shape}")
+        lesions.append(m)
+    lesion_scores, fp = _match(image.components, lesions, shape, image.case_id, iou_threshold)
+    scores = [c.score for c in image.components]
+    operating = None
+    if image.operating_components is not None:
+        op_scores, op_fp = _match(image.operating_components, lesions, shape, image.case_id, iou_threshold)
+        operating = (int(np.isfinite(op_scores).sum()), int(op_fp.size), len(image.operating_components))
+    return MatchedImage(image.case_id, str(image.patient_id), lesion_scores, fp, n_without, len(image.components),
+                        tuple(lost), (float(min(scores)), float(max(scores))) if scores else None, operating)
 
 
 @dataclass(frozen=True)
@@ -257,24 +251,72 @@ class DetectionReport:
     froc: list[FrocPoint]
     rules: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    # what the curve was drawn from (the caller's description, e.g. the candidate threshold) and the
+    # lowest / highest score actually scored: the range of thresholds the curve covers
+    components_scored: dict[str, Any] = field(default_factory=dict)
+    # the model's own output as one point (None when not given): fp_per_image, sensitivity, counts,
+    # and the caller's description of it (threshold, min area, max lesions)
+    model_operating_point: dict[str, Any] | None = None
+    n_lesions_lost: int = 0  # lost in preprocessing: not scored
+    lost_in_preprocessing: dict[str, int] = field(default_factory=dict)  # reason -> lesions
 
     def to_dict(self) -> dict:
         return {"n_images": self.n_images, "n_patients": self.n_patients, "n_lesions": self.n_lesions,
-                "n_lesions_without_geometry": self.n_lesions_without_geometry, "n_components": self.n_components,
-                "iou_threshold": self.iou_threshold, "sensitivity_at_1fp": self.sensitivity_at_1fp.to_dict(),
+                "n_lesions_without_geometry": self.n_lesions_without_geometry, "n_lesions_lost": self.n_lesions_lost,
+                "lost_in_preprocessing": self.lost_in_preprocessing, "n_components": self.n_components,
+                "iou_threshold": self.iou_threshold, "components_scored": self.components_scored,
+                "model_operating_point": self.model_operating_point,
+                "sensitivity_at_1fp": self.sensitivity_at_1fp.to_dict(),
                 "threshold_at_1fp": self.threshold_at_1fp, "operating_points": self.operating_points,
                 "froc": [p.to_dict() for p in self.froc], "rules": self.rules, "notes": self.notes}
 
 
+def _score_range(matched: Sequence[MatchedImage]) -> tuple[float, float] | None:
+    """Lowest and highest component score over all images (from what matching kept when an image
+    was built by hand without ``score_range``)."""
+    lows, highs = [], []
+    for m in matched:
+        if m.score_range is not None:
+            lows.append(m.score_range[0])
+            highs.append(m.score_range[1])
+        else:
+            known = np.concatenate([m.lesion_scores[np.isfinite(m.lesion_scores)], m.fp_scores])
+            if known.size:
+                lows.append(float(known.min()))
+                highs.append(float(known.max()))
+    return (min(lows), max(highs)) if lows else None
+
+
+def _model_operating_point(matched: Sequence[MatchedImage], n_lesions: int,
+                           settings: dict[str, Any] | None) -> dict[str, Any] | None:
+    given = [m.operating is not None for m in matched]
+    if not any(given):
+        return None
+    if not all(given):
+        raise InputError(None, "operating components must be given for every image or for none")
+    n_det = sum(m.operating[0] for m in matched)
+    n_fp = sum(m.operating[1] for m in matched)
+    return {**(settings or {}), "fp_per_image": n_fp / len(matched),
+            "sensitivity": n_det / n_lesions if n_lesions else None, "n_detected": n_det, "n_false_positives": n_fp,
+            "n_lesions": n_lesions, "n_components": sum(m.operating[2] for m in matched)}
+
+
 def evaluate_matched(matched: Sequence[MatchedImage], *, fp_rates: Sequence[float] = DEFAULT_FP_RATES,
                      iou_threshold: float = DEFAULT_IOU_THRESHOLD, n_boot: int = DEFAULT_N_BOOT,
-                     seed: int = DEFAULT_SEED, confidence: float = DEFAULT_CONFIDENCE) -> DetectionReport:
+                     seed: int = DEFAULT_SEED, confidence: float = DEFAULT_CONFIDENCE,
+                     components_scored: dict[str, Any] | None = None,
+                     operating_settings: dict[str, Any] | None = None) -> DetectionReport:
+    """FROC, sensitivity at the ``fp_rates`` (with a bootstrap CI at 1 FP/image) and, when the images
+    carry operating components, the model's operating point. ``components_scored`` describes what the
+    components are (e.g. ``{"source": "candidates", "probability_threshold": 0.05}``) and
+    ``operating_settings`` the model's post-processing: both go into the report as given."""
     matched = list(matched)
     if not matched:
         raise InputError(None, "no images to evaluate for lesion detection")
     curve = froc_curve(matched)
     n_lesions = sum(m.lesion_scores.size for m in matched)
     n_without = sum(m.n_without_geometry for m in matched)
+    lost = Counter(reason for m in matched for reason in m.lost_reasons)
     points = []
     for k in sorted(set(float(r) for r in fp_rates) | {1.0}):
         s, t = sensitivity_at(curve, k)
@@ -282,21 +324,32 @@ def evaluate_matched(matched: Sequence[MatchedImage], *, fp_rates: Sequence[floa
     sens1, thr1 = sensitivity_at(curve, 1.0)
     statistic, n_groups = _sensitivity_at_k_statistic(matched, 1.0)
     ci = bootstrap_ci(statistic, n_groups, n_boot=n_boot, seed=seed, confidence=confidence) if n_lesions else None
+    scored = dict(components_scored or {})
+    low_high = _score_range(matched)
+    scored.update({"n_components": sum(m.n_components for m in matched),
+                   "lowest_score": None if low_high is None else low_high[0],
+                   "highest_score": None if low_high is None else low_high[1]})
     notes = []
     if n_lesions == 0:
         notes.append("no scorable lesion: sensitivity is undefined")
     if n_without:
         notes.append(f"{n_without} lesion(s) have no geometry and cannot be scored; they are not in the denominator")
+    if lost:
+        notes.append(f"{sum(lost.values())} lesion(s) lost in preprocessing are not scored and not in the denominator ("
+                     + "; ".join(f"{n}: {why}" for why, n in sorted(lost.items())) + ")")
     if n_groups == 1:
         notes.append(SINGLE_GROUP_NOTE)
     return DetectionReport(
         n_images=len(matched), n_patients=n_groups, n_lesions=n_lesions, n_lesions_without_geometry=n_without,
-        n_components=sum(m.n_components for m in matched), iou_threshold=iou_threshold,
+        n_components=scored["n_components"], iou_threshold=iou_threshold,
         sensitivity_at_1fp=MetricValue(sens1 if n_lesions else float("nan"), ci, n_lesions), threshold_at_1fp=thr1,
-        operating_points=points, froc=curve, rules=detection_rules(iou_threshold), notes=notes)
+        operating_points=points, froc=curve, rules=detection_rules(iou_threshold), notes=notes,
+        components_scored=scored, model_operating_point=_model_operating_point(matched, n_lesions, operating_settings),
+        n_lesions_lost=sum(lost.values()), lost_in_preprocessing=dict(sorted(lost.items())))
 
 
 def evaluate_lesion_detection(images: Iterable[DetectionImage], **kwargs) -> DetectionReport:
-    """Match every image's components to its lesions, then FROC + sensitivity at k FP/image."""
+    """Match every image's components to its lesions, then FROC + sensitivity at k FP/image (and the
+    operating point when the images carry operating components)."""
     iou = kwargs.get("iou_threshold", DEFAULT_IOU_THRESHOLD)
     return evaluate_matched([match_image(im, iou) for im in images], **kwargs)

@@ -47,15 +47,45 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
+def _value(x: object, none: str = "not recorded") -> str:
+    return none if x is None else (f"{x:g}" if isinstance(x, float) else str(x))
+
+
+def components_text(scored: dict) -> str:
+    """What the curve was drawn from and the range of score thresholds it covers."""
+    source = scored.get("source")
+    if source == "candidates":
+        text = (f"candidates: every component of lesion probability >= {_value(scored.get('probability_threshold'))} "
+                f"with >= {_value(scored.get('min_area_prepared_pixels'))} prepared pixels, no max-lesions cut, at most "
+                f"{_value(scored.get('max_candidates_per_image'))} per image")
+    elif source == "lesions":
+        text = (f"the model's lesions only (probability >= {_value(scored.get('probability_threshold'))}): "
+                "the curve STOPS AT THE MODEL'S THRESHOLD")
+    else:
+        text = "the given components"
+    return (f"{text}; {scored.get('n_components', 0)} components, scores from {_fmt(scored.get('lowest_score'))} "
+            f"to {_fmt(scored.get('highest_score'))}")
+
+
 def detection_markdown(det: DetectionReport, level: str = "##") -> list[str]:
     lines = [f"{level} Lesion detection from the segmentation", "",
              f"Images: {det.n_images} ({det.n_patients} patients); scorable lesions: {det.n_lesions}; "
              f"lesions without geometry (not scored): {det.n_lesions_without_geometry}; "
-             f"predicted components: {det.n_components}.", "",
+             f"lesions lost in preprocessing (not scored): {det.n_lesions_lost}"
+             + (f" ({'; '.join(f'{n}: {why}' for why, n in det.lost_in_preprocessing.items())})" if det.n_lesions_lost else "")
+             + ".", "",
+             f"Components scored: {components_text(det.components_scored)}.", "",
              f"**Sensitivity at 1 FP/image: {_fmt(det.sensitivity_at_1fp.value)}**, 95% CI "
              f"{_ci_text(det.sensitivity_at_1fp)}, threshold {_fmt(det.threshold_at_1fp)}", ""]
     lines += _table(["FP/image ≤", "sensitivity", "score threshold"],
                     [[f"{p['fp_per_image']:g}", _fmt(p["sensitivity"]), _fmt(p["threshold"])] for p in det.operating_points])
+    op = det.model_operating_point
+    if op is not None:
+        lines += ["", f"**Model operating point** (probability threshold {_value(op.get('probability_threshold'))}, "
+                      f"min area {_value(op.get('min_area_prepared_pixels'))} prepared pixels, max lesions "
+                      f"{_value(op.get('max_lesions'), 'none')}: what `mammocad predict` outputs): "
+                      f"{_fmt(op['fp_per_image'])} FP/image, sensitivity {_fmt(op['sensitivity'])} "
+                      f"({op['n_detected']}/{op['n_lesions']} lesions, {op['n_false_positives']} false positives)."]
     lines += ["", f"FROC curve: {len(det.froc)} points in {JSON_NAME} (`detection.froc`).", "", "Rules:", ""]
     lines += [f"- {r}" for r in det.rules]
     lines += [f"- Note: {n}" for n in det.notes]
@@ -72,6 +102,14 @@ def segmentation_markdown(rep: SegmentationReport) -> list[str]:
              "## Headline metrics", ""]
     rows = [[_HEADLINE_NAMES.get(k, k), _fmt(m.value), _ci_text(m), str(m.n)] for k, m in rep.headline.items()]
     lines += _table(["metric", "value", f"{int(rep.bootstrap['confidence'] * 100)}% CI", "n"], rows)
+    gt = rep.ground_truth
+    if gt:
+        lost = gt.get("lost_in_preprocessing") or {}
+        lines += ["", f"Ground truth: {gt.get('label_map')}; lesions of unknown pathology: "
+                      f"**{gt.get('unknown_pathology')}**; cases left out (lesions not all outlined): "
+                      f"{gt.get('n_cases_left_out_unlocated', 0)}; lesions lost in preprocessing (not scored): "
+                      f"{gt.get('n_lesions_lost_in_preprocessing', 0)}"
+                      + (f" ({'; '.join(f'{n}: {why}' for why, n in lost.items())})" if lost else "") + "."]
     lines += ["", "## Per class (dataset-level confusion matrix)", ""]
     lines += _table(["class", "IoU", "accuracy (recall)", "GT pixels", "predicted pixels"],
                     [[p["class"], _fmt(p["iou"]), _fmt(p["accuracy"]), str(p["gt_pixels"]), str(p["pred_pixels"])]

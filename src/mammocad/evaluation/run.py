@@ -1,124 +1,91 @@
 """``mammocad evaluate``: score a segmentation bundle, or the output folder of ``mammocad predict``,
 on one split of a prepared dataset, and write ``metrics.json`` + ``metrics.md``.
 
-Everything is scored on the PREPARED grid, where the ground truth lives:
+Evaluation scores ``Prediction`` records only, and both routes make the same ones:
 
-* a bundle is run on the prepared images themselves (tiled, breast-aware, with its threshold and
-  minimum area: the same post-processing ``mammocad predict`` applies), so nothing goes back to
-  the originals;
-* a predictions folder holds masks on the ORIGINAL grid: each lesion mask is mapped forward with
-  the case's Geometry (the prepared dataset recorded it) and matched to its case by image path.
+* ``--model``: the bundle predicts each case's ORIGINAL image, read as ``mammocad predict`` reads it
+  (``Predictor.predict_image``): the Prediction ``predict`` would write, masks in memory;
+* ``--predictions``: the JSONs ``mammocad predict`` wrote, matched to the cases by the SHA-256 of the
+  image file they were made from (not by name: two images may share the last parts of their paths).
 
-Ground truth is the label map training uses (``datasets.targets.build_target``); cases whose lesions are
-not all outlined are left out (their true foreground is unknown) and counted in the notes.
-Detection (FROC, sensitivity at 1 FP/image) scores the predicted lesions against each lesion mask.
+Each Prediction is then scored by ONE function (``score_prediction``): its lesions and candidates are
+mapped forward onto the PREPARED grid with the case's Geometry, where the ground truth lives. The
+lesions (the bundle's threshold, minimum area and max lesions) make the segmentation and the
+detection operating point; the candidates (every component at a low probability threshold, each
+with its score) make the FROC curve, so that it spans the whole range of scores instead of being a
+plateau at the bundle's threshold.
+
+Ground truth is the same for both routes: the label map training uses (``datasets.targets.build_target``)
+with the unknown-pathology rule given to ``evaluate_prepared`` (one default, written into the
+report). Cases with lesions whose outline is unknown (``PreparedCase.unlocated_lesions``) are left
+out: their true foreground is unknown. Lesions preprocessing lost (``PreparedCase.lost_lesions``:
+cropped away, empty annotation) are not scored and are counted with their reasons.
 """
 
 from __future__ import annotations
 
-import json
+import contextlib
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 import numpy as np
 
 from mammocad.errors import ConfigError, InputError
 from mammocad.evaluation.bootstrap import DEFAULT_N_BOOT, DEFAULT_SEED
-from mammocad.evaluation.lesion_detection import Component
+from mammocad.evaluation.predictions import ContentHashes, PredictionsFolder, is_predictions_folder
 from mammocad.evaluation.segmentation import EvalItem, SegmentationReport, evaluate_segmentation
+from mammocad.inference.postprocess import lesions_to_prepared
+from mammocad.records import LesionComponent, Prediction
+from mammocad.tasks.segment_lesions import DEFAULT_CANDIDATE_THRESHOLD, lesion_label_map
 
 SPLITS = ("train", "val", "test", "all")
+SOURCE_KINDS = ("auto", "model", "predictions")  # what ``source`` is: the CLI says it (--model | --predictions)
 
 
-def is_predictions_folder(path: str | Path) -> bool:
-    """A ``mammocad predict`` output folder (its summary.json), as opposed to a model bundle."""
-    from mammocad.inference.predict_run import SUMMARY_FILE
+# ---- one scoring path ---------------------------------------------------------------------------
+class PreparedPrediction(NamedTuple):
+    """A Prediction mapped onto a case's prepared grid."""
 
-    p = Path(path)
-    return p.is_dir() and (p / SUMMARY_FILE).is_file() and not (p / "model.json").is_file()
-
-
-def _path_keys(path: str | Path) -> list[str]:
-    """Keys that identify an image file: its resolved path, then its last three components (a prepared
-    dataset may have recorded the path relative to another working folder)."""
-    p = Path(path)
-    return [str(p.resolve()), "/".join(p.parts[-3:])]
+    label_map: np.ndarray  # uint8 over the class names: the lesions painted with their classes
+    lesions: list[LesionComponent]  # the model's output: the operating point
+    candidates: list[LesionComponent]  # what the FROC curve is drawn from
 
 
-class PredictionsFolder:
-    """The per-image JSONs of a ``mammocad predict`` output, indexed by input image path."""
-
-    def __init__(self, root: str | Path):
-        from mammocad.inference.predict_run import SUMMARY_FILE
-
-        self.root = Path(root)
-        self.by_key: dict[str, tuple[Path, dict[str, Any]]] = {}
-        for path in sorted(self.root.glob("*.json")):
-            if path.name == SUMMARY_FILE:
-                continue
-            try:
-                record = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError) as exc:
-                raise InputError(path, f"unreadable prediction ({exc})") from None
-            if not isinstance(record, dict) or "input" not in record or "lesions" not in record:
-                continue  # not one of ours
-            for key in _path_keys(record["input"]):
-                self.by_key.setdefault(key, (path, record))
-        if not self.by_key:
-            raise InputError(self.root, "no prediction JSON files (expected the output folder of `mammocad predict`)")
-        names = {tuple((r.get("attributes") or {}).get("class_names") or ("background", "lesion")) for _, r in self.by_key.values()}
-        if len(names) != 1:
-            raise InputError(self.root, f"predictions made with different class sets {sorted(names)}: evaluate them separately")
-        self.class_names = list(names.pop())
-        self.models = sorted({f"{r.get('model_name')} {r.get('model_version')}" for _, r in self.by_key.values()})
-
-    def find(self, image_path: str) -> tuple[Path, dict[str, Any]] | None:
-        for key in _path_keys(image_path):
-            if key in self.by_key:
-                return self.by_key[key]
-        return None
-
-    def prepared_prediction(self, pc: Any, class_names: list[str]) -> tuple[np.ndarray, list[Component]]:
-        """Label map and components of one case on its prepared grid (masks mapped forward)."""
-        from mammocad.io.images import read_plain_image
-
-        found = self.find(pc.case.image_path)
-        if found is None:
-            raise InputError(self.root, f"no prediction for case {pc.case_id} ({pc.case.image_path})")
-        json_path, record = found
-        if tuple(record.get("image_size") or ()) != tuple(pc.geometry.source_size):
-            raise InputError(json_path, f"image size {record.get('image_size')} differs from the prepared case's "
-                                        f"original size {list(pc.geometry.source_size)}")
-        pred = np.zeros(pc.size, dtype=np.uint8)
-        components = []
-        for lesion in record["lesions"]:
-            mask_path = self.root / str(lesion.get("mask") or lesion.get("mask_path"))
-            original = read_plain_image(mask_path).pixels > 0
-            if original.shape != tuple(pc.geometry.source_size):
-                raise InputError(mask_path, f"mask is {original.shape[1]}x{original.shape[0]}, the image "
-                                            f"{pc.geometry.source_size[1]}x{pc.geometry.source_size[0]}")
-            mask = pc.geometry.forward_array(original, kind="mask").astype(bool)
-            if not mask.any():
-                continue  # the lesion lies outside the prepared crop
-            label = lesion.get("label")
-            pred[mask] = class_names.index(label) if label in class_names else 1
-            components.append(Component.from_mask(mask, float(lesion["score"])))
-        return pred, components
+def score_prediction(prediction: Prediction, pc: Any, class_names: list[str], use_candidates: bool = True,
+                     source: str | Path | None = None) -> PreparedPrediction:
+    """Map ``prediction`` (original grid; every lesion and candidate with its ``mask``) onto ``pc``'s
+    prepared grid. Without ``use_candidates`` the lesions stand in for the candidates (predictions
+    written before candidates existed: the curve then stops at the model's threshold)."""
+    where = source or prediction.image_path
+    if tuple(prediction.image_size) != tuple(pc.geometry.source_size):
+        raise InputError(where, f"image size {list(prediction.image_size)} differs from the prepared case's "
+                                f"original size {list(pc.geometry.source_size)}")
+    try:
+        lesions = lesions_to_prepared(prediction.lesions, pc.geometry)
+        candidates = lesions_to_prepared(prediction.candidates, pc.geometry) if use_candidates else lesions
+    except InputError as err:
+        raise InputError(where, err.cause) from None
+    return PreparedPrediction(lesion_label_map(lesions, pc.size, class_names), lesions, candidates)
 
 
-def _bundle_prediction(predictor: Any, pixels: np.ndarray, breast: np.ndarray,
-                       class_names: list[str]) -> tuple[np.ndarray, list[Component]]:
-    probs = predictor.probabilities(pixels, breast)
-    pred = np.zeros(pixels.shape, dtype=np.uint8)
-    components = []
-    for comp in predictor.lesions(probs, breast):
-        value = class_names.index(comp.label) if comp.label in class_names else 1
-        comp.mask.paste_into(pred, value)
-        components.append(Component(comp.mask.mask, float(comp.score), tuple(int(v) for v in comp.box)))
-    return pred, components
+def detection_settings(attributes: dict[str, Any], use_candidates: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what the curve's components are, the model's operating post-processing) as the Prediction
+    records state them: written into the report beside the curve and the operating point."""
+    operating = {"probability_threshold": attributes.get("threshold"),
+                 "min_area_prepared_pixels": attributes.get("min_area_prepared_pixels"),
+                 # None: no cap; predictions written before the cap was recorded do not say
+                 "max_lesions": attributes.get("max_lesions", "not recorded")}
+    if not use_candidates:
+        return {"source": "lesions", "probability_threshold": attributes.get("threshold"),
+                "min_area_prepared_pixels": attributes.get("min_area_prepared_pixels")}, operating
+    search = attributes.get("candidate_search") or {}
+    return {"source": "candidates", "probability_threshold": search.get("probability_threshold"),
+            "min_area_prepared_pixels": search.get("min_area_prepared_pixels"),
+            "max_candidates_per_image": search.get("max_candidates")}, operating
 
 
-def split_case_ids(ds: Any, split: str, fold: int, splits_path: str | Path | None) -> list[str]:
+# ---- the run -------------------------------------------------------------------------------------
+def _case_ids(ds: Any, split: str, fold: int, splits_path: str | Path | None) -> list[str]:
     if split == "all":
         return [pc.case_id for pc in ds.cases]
     from mammocad.datasets.targets import split_case_ids
@@ -126,49 +93,106 @@ def split_case_ids(ds: Any, split: str, fold: int, splits_path: str | Path | Non
     return split_case_ids(ds, fold=fold, split=split, splits_path=splits_path)
 
 
+def _resolve_unknown(unknown_pathology: str | None, n_classes: int) -> str:
+    from mammocad.datasets.targets import DEFAULT_UNKNOWN, UNKNOWN_CHOICES
+
+    rule = DEFAULT_UNKNOWN[n_classes] if unknown_pathology is None else str(unknown_pathology)
+    if rule not in UNKNOWN_CHOICES[n_classes]:
+        raise ConfigError("--unknown-pathology", f"{rule!r} is not a choice for {n_classes} classes: "
+                                                 f"{', '.join(UNKNOWN_CHOICES[n_classes])}")
+    return rule
+
+
 def evaluate_prepared(source: Any, prepared_dir: str | Path, split: str = "val", fold: int = 0,
                       out_dir: str | Path | None = None, *, splits_path: str | Path | None = None,
                       device: str = "auto", batch_size: int | None = None, autocast: str = "auto",
-                      n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED, progress: bool = True) -> SegmentationReport:
+                      n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED, progress: bool = True,
+                      candidate_threshold: float | None = None,
+                      unknown_pathology: str | None = None, source_kind: str = "auto") -> SegmentationReport:
     """Score ``source`` on ``split`` (train | val | test of ``fold`` in the splits file, or all cases).
 
     ``source``: a bundle name or folder, a loaded ``(model, card)``, a ``Predictor``, or a
-    ``mammocad predict`` output folder. Writes ``metrics.json`` / ``metrics.md`` to ``out_dir`` when given.
+    ``mammocad predict`` output folder. Writes ``metrics.json`` / ``metrics.md`` to ``out_dir`` when
+    given (checked and claimed before any work). ``candidate_threshold``: the lesion probability the
+    candidates of the FROC curve are cut at (default ``DEFAULT_CANDIDATE_THRESHOLD``; a predictions
+    folder has its own, recorded by ``predict``). ``unknown_pathology``: the ground-truth value of
+    lesions of unknown pathology (``datasets.targets.UNKNOWN_CHOICES``; default
+    ``DEFAULT_UNKNOWN``: 'lesion' for 2 classes, 'ignore' for 3), the same for both routes.
+    ``source_kind``: "model" or "predictions" says what a path ``source`` is (the command line always
+    says); "auto" tells a predictions folder by its summary.json or output marker.
     """
-    from rich.console import Console
-    from mammocad.console import progress_bar
+    from mammocad.io.outdir import claim_output_dir
 
+    # arguments first: a typo must not leave an output folder behind
+    if split not in SPLITS:
+        raise ConfigError("--split", f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+    if source_kind not in SOURCE_KINDS:
+        raise ConfigError("source_kind", f"must be one of {', '.join(SOURCE_KINDS)}, got {source_kind!r}")
+    with contextlib.ExitStack() as stack:
+        if out_dir is not None:  # a bad --out fails here, before a model is loaded or an image read
+            stack.enter_context(claim_output_dir(out_dir, "evaluate"))
+        report = _evaluate(source, prepared_dir, split, fold, splits_path=splits_path, device=device,
+                           batch_size=batch_size, autocast=autocast, n_boot=n_boot, seed=seed, progress=progress,
+                           candidate_threshold=candidate_threshold, unknown_pathology=unknown_pathology,
+                           source_kind=source_kind)
+        if out_dir is not None:
+            from mammocad.evaluation.report import write_report
+
+            write_report(report, out_dir)
+    return report
+
+
+def _evaluate(source: Any, prepared_dir: str | Path, split: str, fold: int, *, splits_path: str | Path | None,
+              device: str, batch_size: int | None, autocast: str, n_boot: int, seed: int, progress: bool,
+              candidate_threshold: float | None, unknown_pathology: str | None,
+              source_kind: str) -> SegmentationReport:
+    from rich.console import Console
+
+    from mammocad.console import progress_bar
     from mammocad.datasets.prepared import PreparedDataset
-    from mammocad.evaluation.report import write_report
-    from mammocad.inference.predictor import Predictor
     from mammocad.datasets.targets import build_target
+    from mammocad.inference.predictor import Predictor
+    from mammocad.io.images import read_image
 
     if split not in SPLITS:
         raise ConfigError("--split", f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
+    if candidate_threshold is not None and not 0.0 < float(candidate_threshold) <= 1.0:
+        raise ConfigError("--candidate-threshold", f"must be a lesion probability in (0, 1], got {candidate_threshold}")
     ds = PreparedDataset(prepared_dir)
-    case_ids = split_case_ids(ds, split, fold, splits_path)
+    if source_kind not in SOURCE_KINDS:
+        raise ConfigError("source_kind", f"must be one of {', '.join(SOURCE_KINDS)}, got {source_kind!r}")
+    as_folder = isinstance(source, (str, Path)) and (source_kind == "predictions" or
+                                                     (source_kind == "auto" and is_predictions_folder(source)))
+    if source_kind == "model" and isinstance(source, (str, Path)) and is_predictions_folder(source):
+        raise InputError(source, "is the output folder of `mammocad predict`, not a model bundle: use --predictions")
+    if as_folder and not Path(source).is_dir():
+        raise InputError(source, "no such folder (expected the output folder of `mammocad predict`)")
+    if as_folder and (Path(source) / "model.json").is_file():
+        raise InputError(source, "is a model bundle, not the output folder of `mammocad predict`: use --model")
+    case_ids = _case_ids(ds, split, fold, splits_path)
     notes = []
-    if isinstance(source, (str, Path)) and is_predictions_folder(source):
+    if as_folder:
         folder, predictor = PredictionsFolder(source), None
         class_names = folder.class_names
         described = f"predictions in {folder.root} ({', '.join(folder.models)})"
+        use_candidates = folder.use_candidates
+        if candidate_threshold is not None and folder.use_candidates and candidate_threshold != folder.candidate_threshold:
+            raise ConfigError("--candidate-threshold", f"the predictions in {folder.root} hold candidates at lesion "
+                                                       f"probability >= {folder.candidate_threshold:g}, not "
+                                                       f"{candidate_threshold:g}: predict again, or evaluate with --model")
     else:
         predictor = source if isinstance(source, Predictor) else Predictor(source, device=device, batch_size=batch_size,
                                                                             autocast=autocast)
         folder, class_names = None, list(predictor.settings.class_names)
         described = f"bundle {predictor.name} {predictor.version}"
-        if predictor.settings.spec != ds.spec:
-            notes.append(f"the bundle's preprocessing ({predictor.settings.spec.model_dump(mode='json')}) differs from "
-                         f"the prepared dataset's ({ds.spec.model_dump(mode='json')}); scored on the dataset's images")
+        use_candidates = True
+        candidate_threshold = DEFAULT_CANDIDATE_THRESHOLD if candidate_threshold is None else float(candidate_threshold)
     if len(class_names) not in (2, 3):
         raise ConfigError(described, f"segmentation evaluation needs 2 or 3 classes, got {class_names}")
-    unknown = None
-    if predictor is not None:
-        unknown = ((predictor.card.get("training_data") or {}).get("unknown_pathology_label"))
+    unknown = _resolve_unknown(unknown_pathology, len(class_names))
 
     cases = [ds.by_id(c) for c in case_ids]
-    unlocated = [pc.case_id for pc in cases
-                 if any(p is None for p in pc.lesion_mask_paths) or (not pc.case.lesions and pc.label == "unknown")]
+    unlocated = [pc.case_id for pc in cases if pc.unlocated_lesions or (not pc.case.lesions and pc.label == "unknown")]
     if unlocated:
         notes.append(f"{len(unlocated)} case(s) left out: their lesions are not all outlined, so the true "
                      f"foreground is unknown (e.g. {unlocated[0]})")
@@ -176,36 +200,88 @@ def evaluate_prepared(source: Any, prepared_dir: str | Path, split: str = "val",
     cases = [pc for pc in cases if pc.case_id not in left_out]
     if not cases:
         raise InputError(ds.root, f"no case to evaluate in split {split!r} (fold {fold})")
+    lost: dict[str, int] = {}
+    for pc in cases:
+        for why in pc.lost_lesions.values():
+            lost[why] = lost.get(why, 0) + 1
     notes.append(f"evaluated: {described} on {ds.root} split {split}" + ("" if split == "all" else f" fold {fold}") +
-                 f", {len(cases)} case(s), on the prepared grid")
+                 f", {len(cases)} case(s), scored on the prepared grid")
     if predictor is not None:
-        s = predictor.settings
-        notes.append(f"prediction = lesion probability >= {s.threshold:g}, components of >= {s.min_area} pixels inside "
-                     "the breast (the bundle's post-processing, as `mammocad predict`)")
+        notes.append("the bundle predicted each case's ORIGINAL image as `mammocad predict` does (its own "
+                     "preprocessing); lesions and candidates were mapped onto the prepared grid with the case's geometry")
+        if predictor.settings.spec != ds.spec:
+            notes.append(f"the bundle's preprocessing ({predictor.settings.spec.model_dump(mode='json')}) differs from "
+                         f"the prepared dataset's ({ds.spec.model_dump(mode='json')}); the ground truth is the dataset's")
+    elif not use_candidates:
+        notes.append(f"{folder.n_without_candidates} prediction(s) hold no candidates (written before `mammocad predict` "
+                     "recorded them): the FROC curve is drawn from the model's lesions and STOPS AT THE MODEL'S "
+                     "THRESHOLD; predict again for the whole curve")
+        if candidate_threshold is not None:
+            notes.append(f"--candidate-threshold {candidate_threshold:g} cannot apply: these predictions hold no candidates")
 
     console = Console(stderr=True)
+    hashes = ContentHashes()
+    seen: dict[str, Any] = {"attributes": None, "highest_score_dropped": None}
+
+    def predictions() -> Iterator[tuple[Any, Prediction, str]]:
+        for pc in cases:
+            if folder is not None:
+                json_path, record = folder.match(pc, hashes)
+                yield pc, folder.prediction(json_path, record), str(json_path)
+            else:
+                image = read_image(pc.case.image_path, voi=predictor.voi)
+                result = predictor.predict_image(image, candidate_threshold=candidate_threshold)
+                yield pc, result.prediction, str(pc.case.image_path)
 
     def items(bar: Any, task: Any) -> Iterator[EvalItem]:
-        for pc in cases:
-            breast = ds.load_breast_mask(pc)
+        for pc, prediction, where in predictions():
+            if seen["attributes"] is None:
+                seen["attributes"] = prediction.attributes
+            dropped = (prediction.attributes.get("candidate_search") or {}).get("highest_score_dropped")
+            if use_candidates and dropped is not None:
+                seen["highest_score_dropped"] = max(dropped, seen["highest_score_dropped"] or dropped)
+            scored = score_prediction(prediction, pc, class_names, use_candidates, where)
             lesion_masks = ds.load_lesion_masks(pc)
             gt = build_target(pc.size, ds.load_union_mask(pc), lesion_masks, [les.pathology for les in pc.case.lesions],
                               len(class_names), unknown)
-            if folder is not None:
-                pred, components = folder.prepared_prediction(pc, class_names)
-            else:
-                pred, components = _bundle_prediction(predictor, ds.load_image(pc), breast, class_names)
             bar.advance(task)
-            yield EvalItem(case_id=pc.case_id, patient_id=pc.patient_id, gt=gt, pred=pred, image_label=pc.label,
-                           breast_mask=breast, lesion_masks=lesion_masks, components=components)
+            yield EvalItem(case_id=pc.case_id, patient_id=pc.patient_id, gt=gt, pred=scored.label_map,
+                           image_label=pc.label, breast_mask=ds.load_breast_mask(pc), lesion_masks=lesion_masks,
+                           components=scored.candidates, operating_components=scored.lesions,
+                           lost_lesions=dict(pc.lost_lesions))
 
     with progress_bar(console, progress, remaining=False) as bar:
         task = bar.add_task(f"evaluate {split}", total=len(cases))
         report = evaluate_segmentation(items(bar, task), class_names, n_boot=n_boot, seed=seed)
+    if folder is not None and folder.matched_by_path:
+        notes.append(f"{len(folder.matched_by_path)} case(s) matched to their prediction by resolved path (and size) "
+                     "only: the image could not be read here, or the prediction records no input hash "
+                     f"(e.g. {folder.matched_by_path[0]})")
+    _describe_detection(report, seen, use_candidates, notes)
+    report.ground_truth = {
+        "label_map": "datasets.targets.build_target on the prepared grid (the training target)",
+        "unknown_pathology": unknown, "n_cases_left_out_unlocated": len(unlocated),
+        "cases_left_out_unlocated": unlocated, "n_lesions_lost_in_preprocessing": sum(lost.values()),
+        "lost_in_preprocessing": dict(sorted(lost.items())),
+    }
     report.notes.extend(notes)
-    if out_dir is not None:
-        write_report(report, out_dir)
     return report
+
+
+def _describe_detection(report: SegmentationReport, seen: dict[str, Any], use_candidates: bool, notes: list[str]) -> None:
+    """Add to the detection report what its components were, as the Prediction records state it."""
+    det = report.detection
+    if det is None or seen["attributes"] is None:
+        return
+    scored, operating = detection_settings(seen["attributes"], use_candidates)
+    if use_candidates:
+        scored["highest_score_dropped_by_cap"] = seen["highest_score_dropped"]
+        if seen["highest_score_dropped"] is not None:
+            notes.append(f"the candidate cap dropped components scoring up to {seen['highest_score_dropped']:.4g}: "
+                         "the curve is complete only for score thresholds above that")
+    det.components_scored = {**scored, **det.components_scored}
+    if det.model_operating_point is not None:
+        det.model_operating_point = {**operating, **det.model_operating_point}
 
 
 def print_headline(report: SegmentationReport, console: Any = None) -> None:
@@ -224,4 +300,8 @@ def print_headline(report: SegmentationReport, console: Any = None) -> None:
     if report.detection is not None:
         d = report.detection.sensitivity_at_1fp
         t.add_row("sensitivity_at_1fp", "n/a" if not np.isfinite(d.value) else f"{d.value:.4f}", "-", str(d.n))
+        op = report.detection.model_operating_point
+        if op is not None and op.get("sensitivity") is not None:
+            t.add_row("model operating point", f"sens {op['sensitivity']:.4f} at {op['fp_per_image']:.3g} FP/image",
+                      "-", str(op["n_lesions"]))
     console.print(t)

@@ -22,9 +22,10 @@ from mammocad.datasets.targets import IGNORE_INDEX
 from mammocad.errors import InputError
 from mammocad.evaluation.bootstrap import (DEFAULT_CONFIDENCE, DEFAULT_N_BOOT, DEFAULT_SEED, SINGLE_GROUP_NOTE,
                                            MetricValue, bootstrap_ci, group_index, grouped_mean_ci, per_group_sum, ratio)
-from mammocad.evaluation.lesion_detection import (DEFAULT_FP_RATES, DEFAULT_IOU_THRESHOLD, Component, DetectionImage,
+from mammocad.evaluation.lesion_detection import (DEFAULT_FP_RATES, DEFAULT_IOU_THRESHOLD, DetectionImage,
                                                   DetectionReport, MatchedImage, evaluate_matched, match_image)
 from mammocad.io.jsonutil import finite_or_none
+from mammocad.records import LesionComponent
 
 
 LESION_IMAGE, BOTH_EMPTY, FALSE_POSITIVE_IMAGE = "lesion", "both_empty", "false_positive"
@@ -57,7 +58,10 @@ class EvalItem:
     """One image to score. ``gt``/``pred`` are HxW integer label maps (0 = background; binary:
     1 = lesion; 3-class: 1 benign, 2 malignant); ``gt == ignore_index`` or ``ignore`` (bool)
     marks pixels left out. ``lesion_masks`` (full-size bool per lesion, None = no geometry) and
-    ``components`` (predicted, scored) enable detection scoring; give both for every item or none."""
+    ``components`` (predicted, scored: the candidates the FROC curve is drawn from) enable detection
+    scoring; give both for every item or none. ``operating_components`` (the model's own output) adds
+    its operating point; ``lost_lesions`` (lesion index -> reason) are lesions preprocessing lost,
+    never scored."""
 
     case_id: str
     patient_id: str
@@ -67,7 +71,9 @@ class EvalItem:
     ignore: np.ndarray | None = None
     breast_mask: np.ndarray | None = None
     lesion_masks: list[np.ndarray | None] | None = None
-    components: list[Component] | None = None
+    components: list[LesionComponent] | None = None
+    operating_components: list[LesionComponent] | None = None
+    lost_lesions: dict[int, str] | None = None
 
 
 @dataclass
@@ -187,9 +193,11 @@ class SegmentationReport:
     notes: list[str] = field(default_factory=list)
     per_image: list[dict] = field(default_factory=list)
     detection: DetectionReport | None = None
+    ground_truth: dict = field(default_factory=dict)  # how the caller built it (rules, cases left out)
 
     def to_dict(self) -> dict:
         return {"class_names": self.class_names, "n_images": self.n_images, "n_patients": self.n_patients,
+                "ground_truth": self.ground_truth,
                 "counts": self.counts, "headline": {k: v.to_dict() for k, v in self.headline.items()},
                 "per_class": self.per_class,
                 "class_dice": {c: {k: v.to_dict() for k, v in d.items()} for c, d in self.class_dice.items()},
@@ -211,8 +219,12 @@ def _mean_max(values: np.ndarray, groups: list[str], boot: dict) -> tuple[Metric
 def evaluate_segmentation(items: Iterable[EvalItem], class_names: Sequence[str], *, ignore_index: int = IGNORE_INDEX,
                           n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED,
                           confidence: float = DEFAULT_CONFIDENCE, fp_rates: Sequence[float] = DEFAULT_FP_RATES,
-                          iou_threshold: float = DEFAULT_IOU_THRESHOLD, keep_per_image: bool = True) -> SegmentationReport:
-    """Score every item; see ``segmentation_rules`` for the definitions (they go into the report)."""
+                          iou_threshold: float = DEFAULT_IOU_THRESHOLD, keep_per_image: bool = True,
+                          components_scored: dict | None = None, operating_settings: dict | None = None,
+                          ) -> SegmentationReport:
+    """Score every item; see ``segmentation_rules`` for the definitions (they go into the report).
+    ``components_scored`` / ``operating_settings`` describe the detection components (see
+    ``evaluate_matched``)."""
     class_names = [str(c) for c in class_names]
     if len(class_names) < 2:
         raise InputError(None, f"need a background class and at least one lesion class, got {class_names}")
@@ -228,7 +240,8 @@ def evaluate_segmentation(items: Iterable[EvalItem], class_names: Sequence[str],
             raise InputError(item.case_id, "lesion masks and components must be given for every image or for none")
         if has_det:
             matched.append(match_image(DetectionImage(item.case_id, str(item.patient_id), item.gt.shape[:2],
-                                                      item.lesion_masks, item.components), iou_threshold))
+                                                      item.lesion_masks, item.components, item.operating_components,
+                                                      dict(item.lost_lesions or {})), iou_threshold))
     if not results:
         raise InputError(None, "no images to evaluate")
     boot = {"n_boot": n_boot, "seed": seed, "confidence": confidence}
@@ -303,7 +316,8 @@ def evaluate_segmentation(items: Iterable[EvalItem], class_names: Sequence[str],
 
     detection = None
     if with_detection:
-        detection = evaluate_matched(matched, fp_rates=fp_rates, iou_threshold=iou_threshold, **boot)
+        detection = evaluate_matched(matched, fp_rates=fp_rates, iou_threshold=iou_threshold, **boot,
+                                     components_scored=components_scored, operating_settings=operating_settings)
     return SegmentationReport(
         class_names=class_names, n_images=len(results), n_patients=len(groups),
         counts={"lesion_images": int((cat == LESION_IMAGE).sum()), "both_empty": int((cat == BOTH_EMPTY).sum()),

@@ -1,21 +1,8 @@
-"""Whole-image inference: breast-aware tiling (``tiling``) and probability map -> lesions (``postprocess``)."""
+"""Whole-image inference on original images: ``Predictor`` (read -> preprocess -> the task's inference on
+the prepared grid -> Geometry inverse -> ``Prediction``) and lesions mapped between grids (``postprocess``).
 
-from mammocad.inference.postprocess import (
-    CroppedMask,
-    LesionComponent,
-    lesions_to_original,
-    probability_to_lesions,
-    union_mask_original,
-)
-from mammocad.inference.tiling import TilePlan, plan_tiles, predict_tiled
+What a model's output means (tiling, lesions from probabilities) is the task's: ``mammocad.tasks``."""
 
-__all__ = [
-    "CroppedMask",
-    "LesionComponent",
-    "TilePlan",
-    "lesions_to_original",
-    "plan_tiles",
-    "predict_tiled",
-    "probability_to_lesions",
-    "union_mask_original",
-]
+from mammocad.inference.postprocess import lesions_to_original, lesions_to_prepared, union_mask_original
+
+__all__ = ["lesions_to_original", "lesions_to_prepared", "union_mask_original"]
