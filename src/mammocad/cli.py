@@ -6,6 +6,7 @@ Every user-facing failure is one line on stderr, ``mammocad: <file>: <cause>``, 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -14,8 +15,40 @@ import typer
 
 from mammocad.errors import MammocadError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Breast-lesion detection, classification and segmentation (mammography, ultrasound).")
+MODALITY_ADAPTERS = ("folder", "via", "coco")  # the adapters whose images may be of either modality
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from mammocad import __version__
+
+        typer.echo(f"mammocad {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="print the version and exit")) -> None:
+    """Breast-lesion detection, classification and segmentation (mammography, ultrasound)."""
+
+
+def _check_run_options(device: str | None = None, autocast: str | None = None, out: Path | None = None) -> None:
+    """Refuse a bad --device, --autocast or --out before any model is loaded or image read, so that a
+    typo costs a one-line error, not the work done before the first use of the value."""
+    if device is not None:
+        from mammocad.devices import resolve_device
+
+        resolve_device(device)
+    if autocast is not None:
+        from mammocad.tasks.tiling import AUTOCAST
+
+        if autocast not in AUTOCAST:
+            raise MammocadError("--autocast", f"must be one of {', '.join(AUTOCAST)}, got {autocast!r}")
+    if out is not None:
+        from mammocad.io.outdir import check_output_dir
+
+        check_output_dir(out, create=False)  # nothing created before the other arguments are known good
 
 
 def _parse_options(items: list[str] | None) -> dict[str, str]:
@@ -35,15 +68,32 @@ def prepare(
     out_dir: Path = typer.Argument(..., help="where the prepared dataset goes"),
     size: str = typer.Option("1024", help="long side (e.g. 512, 1024) or HxW letterbox (1024x1024, 2750x1100)"),
     clahe: bool = typer.Option(False, help="CLAHE on the full bit depth"),
+    intensity_percentile: Optional[float] = typer.Option(None, min=50, max=100, help="MG: percentile of the breast "
+                                                         "pixels that becomes white (default 99.5; 100 = the "
+                                                         "brightest pixel, the rule of datasets made before it)"),
     workers: int = typer.Option(2, min=1, help="worker processes"),
     option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="adapter option KEY=VALUE (repeatable)"),
+    modality: Optional[str] = typer.Option(None, help="MG | US: the modality of every image (folder adapter); "
+                                                      "without it, DICOM files are told by their header and "
+                                                      "non-breast modalities (CT, ...) are refused"),
+    allow_outside_root: bool = typer.Option(False, help="read annotation paths that point outside RAW_DIR "
+                                                        "(absolute paths, '../'); refused by default"),
 ) -> None:
     """Read a dataset with its adapter, preprocess every case and write a prepared dataset."""
     from mammocad.datasets.prepared import prepare_dataset
     from mammocad.preprocess.pipeline import PreprocessSpec
 
-    spec = PreprocessSpec.from_size_option(size, clahe=clahe)
-    report = prepare_dataset(dataset, raw_dir, out_dir, spec=spec, workers=workers, adapter_options=_parse_options(option))
+    extra = {} if intensity_percentile is None else {"intensity_percentile": intensity_percentile}
+    spec = PreprocessSpec.from_size_option(size, clahe=clahe, **extra)
+    options = _parse_options(option)
+    if modality is not None:
+        if dataset not in MODALITY_ADAPTERS:  # the others know theirs (CBIS-DDSM, MIAS: MG; BUSI: US)
+            raise MammocadError("--modality", f"the {dataset} adapter has a fixed modality; --modality is for "
+                                              f"{', '.join(MODALITY_ADAPTERS)}")
+        options["modality"] = modality.upper()
+    if allow_outside_root:
+        options["allow_outside_root"] = "true"
+    report = prepare_dataset(dataset, raw_dir, out_dir, spec=spec, workers=workers, adapter_options=options)
     report.print_summary()
     if report.n_failed:
         raise typer.Exit(1)
@@ -57,14 +107,15 @@ def split(
     folds: int = typer.Option(0, help="k folds instead of fractions (0 = fractions)"),
     seed: int = typer.Option(0),
     official: bool = typer.Option(False, help="keep the source's own train/test split (CBIS-DDSM)"),
-    drop_crossing: bool = typer.Option(False, help="with --official: remove patients found in both official splits"),
+    keep_crossing: bool = typer.Option(False, help="with --official: keep the patients found in both official "
+                                                   "splits (they leak; dropped by default)"),
     out: Optional[Path] = typer.Option(None, help="output file (default PREPARED_DIR/splits.json)"),
 ) -> None:
     """Write a patient-grouped, label-stratified, seeded split (splits.json)."""
     from mammocad.datasets.splits import make_splits
 
     result = make_splits(prepared_dir, val=val, test=test, folds=folds, seed=seed, official=official,
-                         drop_crossing=drop_crossing, out=out)
+                         keep_crossing=keep_crossing, out=out)
     result.print_summary()
 
 
@@ -113,8 +164,16 @@ def train(
     from mammocad.training.config import load_config, with_overrides
     from mammocad.training.engine import train as run_training
 
+    run_dir = out if out is not None else Path("runs") / config.stem
     cfg = with_overrides(load_config(config), epochs=epochs, max_minutes=max_minutes)
-    run_training(cfg, out if out is not None else Path("runs") / config.stem, resume=resume, device=device)
+    _check_run_options(device=device, out=run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the first process holds the folder for all
+        run_training(cfg, run_dir, resume=resume, device=device)
+        return
+    from mammocad.io.outdir import claim_output_dir
+
+    with claim_output_dir(run_dir, "train"):  # a second training run into the same folder is refused
+        run_training(cfg, run_dir, resume=resume, device=device)
 
 
 @app.command()
@@ -123,19 +182,24 @@ def predict(
     out: Path = typer.Option(..., "--out", help="output folder"),
     model: Optional[str] = typer.Option(None, help="bundle name or folder (default: by modality, "
                                                    "mammo-lesion-seg for MG, us-lesion-seg for US)"),
-    modality: str = typer.Option("MG", help="MG | US: the modality of plain images (PNG, JPEG, ...), which carry "
-                                            "none; DICOM files are told by their header"),
+    modality: Optional[str] = typer.Option(None, help="MG | US: the modality of plain images (PNG, JPEG, ...), which "
+                                                      "carry none (without it MG is assumed, and the outputs say so); "
+                                                      "DICOM files are told by their header"),
     overwrite: bool = typer.Option(False, help="redo inputs whose JSON already exists (default: skip them)"),
     device: str = typer.Option("auto", help="cpu | cuda | auto"),
     batch_size: Optional[int] = typer.Option(None, min=1, help="tiles per forward pass (default: the bundle's)"),
     autocast: str = typer.Option("auto", help="auto (bf16 where the CPU/GPU computes it natively) | bf16 | fp32"),
+    max_pixels: Optional[float] = typer.Option(None, help="refuse images with more megapixels than this before "
+                                                          "decoding them (default: the library's limit)"),
 ) -> None:
     """Find lesions: per input <stem>.json, <stem>_mask.png, <stem>_lesion<k>.png and <stem>_overlay.png,
     all in the original image's pixels; summary.json at the end. Exit 1 if any input failed."""
     from mammocad.inference.predict_run import predict_files
 
+    _check_run_options(device=device, autocast=autocast, out=out)
+    extra = {} if max_pixels is None else {"max_pixels": int(max_pixels * 1e6)}
     report = predict_files(inputs, out, model=model, modality=modality, overwrite=overwrite, device=device,
-                           batch_size=batch_size, autocast=autocast)
+                           batch_size=batch_size, autocast=autocast, **extra)
     report.print_summary()
     if report.n_failed:
         raise typer.Exit(1)
@@ -144,7 +208,8 @@ def predict(
 @app.command()
 def evaluate(
     prepared_dir: Path = typer.Argument(..., help="a prepared dataset (with splits.json unless --split all)"),
-    model: Optional[str] = typer.Option(None, help="bundle name or folder to run on the split's prepared images"),
+    model: Optional[str] = typer.Option(None, help="bundle name or folder: run on each case's ORIGINAL image exactly as "
+                                                   "`predict` does, then scored on the prepared grid"),
     predictions: Optional[Path] = typer.Option(None, help="or: the output folder of `mammocad predict` to score"),
     split: str = typer.Option("val", help="train | val | test | all"),
     fold: int = typer.Option(0, min=0),
@@ -153,6 +218,11 @@ def evaluate(
     n_boot: int = typer.Option(2000, min=0, help="bootstrap resamples (patients) for the 95% CIs"),
     device: str = typer.Option("auto", help="cpu | cuda | auto"),
     autocast: str = typer.Option("auto", help="auto (bf16 where the CPU/GPU computes it natively) | bf16 | fp32"),
+    candidate_threshold: Optional[float] = typer.Option(None, help="lesion probability from which candidates are "
+                                                                   "kept for the FROC curve (default: the library's)"),
+    unknown_pathology: Optional[str] = typer.Option(None, help="ground truth of unknown-pathology lesions: "
+                                                               "lesion|ignore|background (2 classes, default lesion), "
+                                                               "ignore|background|benign|malignant (3, default ignore)"),
 ) -> None:
     """Score a segmentation bundle or saved predictions on a prepared split: Dice/IoU, mIoU, FP area,
     lesion detection (FROC), patient-bootstrap CIs -> metrics.json + metrics.md."""
@@ -160,8 +230,13 @@ def evaluate(
 
     if (model is None) == (predictions is None):
         raise MammocadError("evaluate", "give exactly one of --model and --predictions")
+    _check_run_options(device=device, autocast=autocast, out=out)
+    extra = {} if candidate_threshold is None else {"candidate_threshold": candidate_threshold}
+    if unknown_pathology is not None:
+        extra["unknown_pathology"] = unknown_pathology
     report = evaluate_prepared(model if model is not None else predictions, prepared_dir, split=split, fold=fold,
-                               out_dir=out, splits_path=splits, device=device, autocast=autocast, n_boot=n_boot)
+                               out_dir=out, splits_path=splits, device=device, autocast=autocast, n_boot=n_boot,
+                               source_kind="model" if model is not None else "predictions", **extra)
     print_headline(report)
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'metrics.md'}")
 
@@ -174,6 +249,7 @@ def demo(
     """Synthetic study -> prepared dataset -> preview PNGs and a printed summary."""
     from mammocad.demo import run_demo
 
+    _check_run_options(out=out)
     run_demo(out, n=n)
 
 
@@ -195,6 +271,8 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(getattr(exc, "exit_code", 2))
         raise
     if isinstance(code, int) and code:
+        if code == 130:  # without standalone mode typer hands a Ctrl-C back as Exit(130), unsaid
+            typer.echo("mammocad: interrupted", err=True)
         sys.exit(code)
 
 
