@@ -68,7 +68,7 @@ def model_card_markdown(card: dict) -> str:
         scored = det.get("components_scored") or {}
         rates = ", ".join(f"{p['fp_per_image']:g}: {p['sensitivity']:.3f}" for p in det.get("operating_points", [])
                           if p.get("sensitivity") is not None)
-        lines.append(f"- Lesion detection (hit: IoU >= {det.get('iou_threshold', 0.1):g} or centroid inside), "
+        lines.append(f"- Lesion detection (hit rule {det.get('hit_rule', 'iou0.1+centroid')}), "
                      f"{det.get('n_lesions')} lesions: FROC over candidate components "
                      f"({json.dumps({k: scored.get(k) for k in ('source', 'probability_threshold', 'min_area_prepared_pixels', 'max_candidates_per_image', 'lowest_score', 'highest_score') if k in scored})}); "
                      f"sensitivity at 1 FP/image {_fmt(det.get('sensitivity_at_1fp'))}; at k FP/image {{{rates}}}")

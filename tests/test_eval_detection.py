@@ -175,3 +175,39 @@ def test_mias_masks_as_predictions():
     # every component scores 1.0, so the only threshold brings the FP along: nothing at <= 0.125 FP/image
     ops = {p["fp_per_image"]: p["sensitivity"] for p in det.operating_points}
     assert ops[0.125] == 0.0 and ops[0.25] == 1.0
+
+
+def test_hit_rule_is_selectable_and_written_into_the_report():
+    """Issue 7.5: the hit criterion is a choice (IoU >= 0.1, IoU >= 0.5, centroid inside, or the MIAS
+    papers' IoU >= 0.1 or centroid), and every report says which one made its figures."""
+    from mammocad.errors import ConfigError
+    from mammocad.evaluation.lesion_detection import DEFAULT_HIT, HitRule, component_hits
+    from mammocad.records import LesionComponent
+
+    assert DEFAULT_HIT.name == "iou0.1+centroid"
+    for name in ("iou0.1+centroid", "iou0.1", "iou0.5", "centroid", "centroid+iou0.3"):
+        assert HitRule.parse(HitRule.parse(name).name) == HitRule.parse(name)
+    for bad in ("iou", "iou0", "iou1.5", "centre", "", "iou0.1+iou0.5+centroid+centroid"):
+        with pytest.raises(ConfigError, match="--hit"):
+            HitRule.parse(bad)
+
+    shape = (64, 64)
+    lesion = np.zeros(shape, dtype=bool)
+    lesion[20:40, 20:40] = True  # 400 px
+    overlap = np.zeros(shape, dtype=bool)
+    overlap[30:50, 30:50] = True  # IoU 100/700 = 0.14, centroid (40, 40) just outside the lesion
+    ring = np.zeros(shape, dtype=bool)
+    ring[10:51, [10, 50]] = True
+    ring[[10, 50], 10:51] = True  # centroid (30, 30) inside, no overlap
+    expected = {"iou0.1+centroid": (True, True), "iou0.1": (True, False), "iou0.5": (False, False),
+                "centroid": (False, True)}
+    for name, (by_overlap, by_ring) in expected.items():
+        rule = HitRule.parse(name)
+        got = tuple(component_hits(LesionComponent.from_mask(m, 0.9), lesion, rule.iou, rule.centroid)
+                    for m in (overlap, ring))
+        assert got == (by_overlap, by_ring), name
+        report = evaluate_lesion_detection([DetectionImage("c", "p", shape, [lesion], [LesionComponent.from_mask(overlap, 0.9)])],
+                                           hit=name, n_boot=0)
+        assert report.hit_rule == name and report.to_dict()["hit_rule"] == name
+        assert report.sensitivity_at_1fp.value == (1.0 if by_overlap else 0.0)
+        assert f"Hit (rule {name})" in report.rules[0]

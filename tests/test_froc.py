@@ -295,3 +295,25 @@ def test_the_caller_says_what_the_source_is(data, tmp_path):
         evaluate_prepared(data["preds"], data["prepared"], split="all", n_boot=0, source_kind="model")
     with pytest.raises(InputError, match="is a model bundle, not the output folder"):  # nor a bundle as predictions
         evaluate_prepared(data["bundle"], data["prepared"], split="all", n_boot=0, source_kind="predictions")
+
+
+def test_the_hit_rule_reaches_the_written_report(data, tmp_path):
+    """``evaluate --hit`` decides the matching and is written into metrics.json and metrics.md."""
+    from typer.testing import CliRunner
+
+    from mammocad.cli import app
+
+    result = CliRunner().invoke(app, ["evaluate", str(data["prepared"]), "--predictions", str(data["preds"]),
+                                      "--split", "all", "--hit", "iou0.5", "--n-boot", "0", "--out", str(tmp_path / "e")])
+    assert result.exit_code == 0, result.output
+    det = json.loads((tmp_path / "e" / "metrics.json").read_text())["detection"]
+    assert det["hit_rule"] == "iou0.5" and det["iou_threshold"] == 0.5
+    assert "Hit rule: **iou0.5**" in (tmp_path / "e" / "metrics.md").read_text()
+    import cv2 as _cv2
+
+    png = _cv2.imread(str(tmp_path / "e" / "froc.png"))  # the FROC figure is written beside the metrics
+    assert png is not None and png.shape[0] > 200 and png.shape[1] > 300
+    result = CliRunner().invoke(app, ["evaluate", str(data["prepared"]), "--predictions", str(data["preds"]),
+                                      "--split", "all", "--hit", "centre", "--out", str(tmp_path / "f")])
+    assert result.exit_code == 1 and "unknown hit rule 'centre'" in str(result.exception)
+    assert not (tmp_path / "f").exists()

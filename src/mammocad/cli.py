@@ -220,6 +220,8 @@ def evaluate(
     autocast: str = typer.Option("auto", help="auto (bf16 where the CPU/GPU computes it natively) | bf16 | fp32"),
     candidate_threshold: Optional[float] = typer.Option(None, help="lesion probability from which candidates are "
                                                                    "kept for the FROC curve (default: the library's)"),
+    hit: str = typer.Option("iou0.1+centroid", help="when a component finds a lesion: iou0.1+centroid (the MIAS "
+                                                    "papers'), iou0.1, iou0.5, centroid; written into the report"),
     unknown_pathology: Optional[str] = typer.Option(None, help="ground truth of unknown-pathology lesions: "
                                                                "lesion|ignore|background (2 classes, default lesion), "
                                                                "ignore|background|benign|malignant (3, default ignore)"),
@@ -236,7 +238,7 @@ def evaluate(
         extra["unknown_pathology"] = unknown_pathology
     report = evaluate_prepared(model if model is not None else predictions, prepared_dir, split=split, fold=fold,
                                out_dir=out, splits_path=splits, device=device, autocast=autocast, n_boot=n_boot,
-                               source_kind="model" if model is not None else "predictions", **extra)
+                               source_kind="model" if model is not None else "predictions", hit=hit, **extra)
     print_headline(report)
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'metrics.md'}")
 

@@ -31,7 +31,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from mammocad.errors import InputError
+from mammocad.errors import ConfigError, InputError
 from mammocad.evaluation.bootstrap import (DEFAULT_CONFIDENCE, DEFAULT_N_BOOT, DEFAULT_SEED, SINGLE_GROUP_NOTE,
                                            MetricValue, bootstrap_ci, group_index, ratio)
 from mammocad.records import LesionComponent
@@ -40,10 +40,63 @@ DEFAULT_IOU_THRESHOLD = 0.1
 DEFAULT_FP_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
-def detection_rules(iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> list[str]:
+@dataclass(frozen=True)
+class HitRule:
+    """When a predicted component finds a lesion: IoU >= ``iou`` (None: IoU not used) and/or its
+    centroid inside the lesion (``centroid``). Named as written on the command line (``--hit``):
+
+    * ``iou0.1+centroid`` (default): the MIAS papers' rule, lenient for circles drawn around a lesion;
+    * ``iou0.1``, ``iou0.5`` (COCO's AP50 threshold): overlap only;
+    * ``centroid``: the component's centre of mass lies inside the lesion (the CAD convention).
+    """
+
+    iou: float | None = DEFAULT_IOU_THRESHOLD
+    centroid: bool = True
+
+    @property
+    def name(self) -> str:
+        parts = ([f"iou{self.iou:g}"] if self.iou is not None else []) + (["centroid"] if self.centroid else [])
+        return "+".join(parts)
+
+    def describe(self) -> str:
+        parts = ([f"IoU(component, lesion) >= {self.iou:g}"] if self.iou is not None else []) + (
+            ["the component's centroid (centre of mass of its pixels) lies inside the lesion"] if self.centroid else [])
+        return " or ".join(parts)
+
+    @classmethod
+    def parse(cls, rule: "HitRule | str | None") -> "HitRule":
+        """A rule from its name (``iou0.1+centroid``, ``iou0.5``, ``centroid``, ...) or itself."""
+        if rule is None:
+            return cls()
+        if isinstance(rule, HitRule):
+            return rule
+        iou, centroid, seen = None, False, set()
+        for part in str(rule).strip().lower().replace(" ", "").split("+"):
+            if part in seen or not part:
+                break
+            seen.add(part)
+            if part == "centroid":
+                centroid = True
+                continue
+            try:
+                iou = float(part[3:]) if part.startswith("iou") else None
+            except ValueError:
+                iou = None
+            if iou is None or not 0.0 < iou <= 1.0:
+                break
+        else:
+            if iou is not None or centroid:
+                return cls(iou, centroid)
+        raise ConfigError("--hit", f"unknown hit rule {rule!r}: expected e.g. iou0.1+centroid, iou0.1, iou0.5, centroid")
+
+
+DEFAULT_HIT = HitRule()
+
+
+def detection_rules(hit: HitRule | str | None = None) -> list[str]:
+    hit = HitRule.parse(hit)
     return [
-        f"Hit: a predicted connected component hits a lesion if IoU(component, lesion) >= {iou_threshold:g}, "
-        "or if the component's centroid (centre of mass of its pixels) lies inside the lesion.",
+        f"Hit (rule {hit.name}): a predicted connected component hits a lesion if {hit.describe()}.",
         "A lesion is detected at threshold t if any component with score >= t hits it (its score: the best "
         "score of the components hitting it).",
         "False positive at t: a component with score >= t that hits no lesion; a second component on an "
@@ -54,7 +107,9 @@ def detection_rules(iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> list[str]:
         "Sensitivity at k FP/image = the highest sensitivity over score thresholds whose FP/image <= k "
         "(no interpolation; 0 if no threshold qualifies).",
         "Operating point: the model's own output (its probability threshold, minimum area and max lesions: what "
-        "`mammocad predict` writes as lesions), matched by the same rules, all of it counted: one point.",
+        "`mammocad predict` writes as lesions), matched by the same rules, all of it counted: one point. It need "
+        "not lie on the curve: candidates at a low threshold can be merged blobs of the components the model's "
+        "threshold separates.",
         "Lesions without geometry cannot be scored: they are counted separately and left out of the "
         "sensitivity denominator. Lesions lost in preprocessing (nothing of them left on the prepared grid) "
         "are counted with the reason and left out likewise.",
@@ -112,25 +167,30 @@ def _check_component(c: LesionComponent, shape: tuple[int, int], source: str) ->
         raise InputError(source, f"component score is {c.score}")
 
 
-def component_hits(component: LesionComponent, lesion: np.ndarray, iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> bool:
-    """The hit rule: IoU >= threshold, or the centroid's pixel is inside the lesion."""
+def component_hits(component: LesionComponent, lesion: np.ndarray, iou_threshold: float | None = DEFAULT_IOU_THRESHOLD,
+                   centroid: bool = True) -> bool:
+    """The hit rule: IoU >= ``iou_threshold`` (None: not used), or (``centroid``) the centroid's pixel
+    is inside the lesion."""
     m = component.mask
     cmask = np.asarray(m.mask, dtype=bool)
     h, w = cmask.shape
     rr, cc = np.nonzero(cmask)
     if rr.size == 0:
         return False
-    # Centroid in pixel-edge coordinates is (mean index + 0.5); the pixel containing it is floor().
-    pr, pc = int(np.floor(rr.mean() + 0.5)) + m.y0, int(np.floor(cc.mean() + 0.5)) + m.x0
-    if lesion[pr, pc]:
-        return True
+    if centroid:
+        # Centroid in pixel-edge coordinates is (mean index + 0.5); the pixel containing it is floor().
+        pr, pc = int(np.floor(rr.mean() + 0.5)) + m.y0, int(np.floor(cc.mean() + 0.5)) + m.x0
+        if lesion[pr, pc]:
+            return True
+    if iou_threshold is None:
+        return False
     inter = int(np.count_nonzero(lesion[m.y0:m.y0 + h, m.x0:m.x0 + w] & cmask))
     union = rr.size + int(np.count_nonzero(lesion)) - inter
     return union > 0 and inter / union >= iou_threshold
 
 
 def _match(components: Sequence[LesionComponent], lesions: list[np.ndarray], shape: tuple[int, int], source: str,
-           iou_threshold: float) -> tuple[np.ndarray, np.ndarray]:
+           hit: HitRule) -> tuple[np.ndarray, np.ndarray]:
     """(best hit score per lesion, -inf when none; scores of components hitting no lesion)."""
     lesion_scores = np.full(len(lesions), -np.inf)
     fp = []
@@ -138,7 +198,7 @@ def _match(components: Sequence[LesionComponent], lesions: list[np.ndarray], sha
         _check_component(c, shape, source)
         hit_any = False
         for j, m in enumerate(lesions):
-            if component_hits(c, m, iou_threshold):
+            if component_hits(c, m, hit.iou, hit.centroid):
                 hit_any = True
                 lesion_scores[j] = max(lesion_scores[j], c.score)
         if not hit_any:
@@ -146,7 +206,8 @@ def _match(components: Sequence[LesionComponent], lesions: list[np.ndarray], sha
     return lesion_scores, np.asarray(fp, dtype=np.float64)
 
 
-def match_image(image: DetectionImage, iou_threshold: float = DEFAULT_IOU_THRESHOLD) -> MatchedImage:
+def match_image(image: DetectionImage, hit: HitRule | str | None = None) -> MatchedImage:
+    hit = HitRule.parse(hit)
     shape = tuple(int(v) for v in image.shape)
     lesions = []
     n_without = 0
@@ -162,11 +223,11 @@ def match_image(image: DetectionImage, iou_threshold: float = DEFAULT_IOU_THRESH
         if m.shape != shape:
             raise InputError(image.case_id, f"lesion {k} mask shape {m.shape} differs from the image shape {shape}")
         lesions.append(m)
-    lesion_scores, fp = _match(image.components, lesions, shape, image.case_id, iou_threshold)
+    lesion_scores, fp = _match(image.components, lesions, shape, image.case_id, hit)
     scores = [c.score for c in image.components]
     operating = None
     if image.operating_components is not None:
-        op_scores, op_fp = _match(image.operating_components, lesions, shape, image.case_id, iou_threshold)
+        op_scores, op_fp = _match(image.operating_components, lesions, shape, image.case_id, hit)
         operating = (int(np.isfinite(op_scores).sum()), int(op_fp.size), len(image.operating_components))
     return MatchedImage(image.case_id, str(image.patient_id), lesion_scores, fp, n_without, len(image.components),
                         tuple(lost), (float(min(scores)), float(max(scores))) if scores else None, operating)
@@ -244,7 +305,7 @@ class DetectionReport:
     n_lesions: int  # scorable (with geometry)
     n_lesions_without_geometry: int
     n_components: int
-    iou_threshold: float
+    iou_threshold: float | None  # of the hit rule (None: the rule uses no IoU)
     sensitivity_at_1fp: MetricValue
     threshold_at_1fp: float | None
     operating_points: list[dict]  # {"fp_per_image": k, "sensitivity": s, "threshold": t}
@@ -259,12 +320,14 @@ class DetectionReport:
     model_operating_point: dict[str, Any] | None = None
     n_lesions_lost: int = 0  # lost in preprocessing: not scored
     lost_in_preprocessing: dict[str, int] = field(default_factory=dict)  # reason -> lesions
+    hit_rule: str = DEFAULT_HIT.name  # HitRule.name: written into every output, the figures depend on it
 
     def to_dict(self) -> dict:
         return {"n_images": self.n_images, "n_patients": self.n_patients, "n_lesions": self.n_lesions,
                 "n_lesions_without_geometry": self.n_lesions_without_geometry, "n_lesions_lost": self.n_lesions_lost,
                 "lost_in_preprocessing": self.lost_in_preprocessing, "n_components": self.n_components,
-                "iou_threshold": self.iou_threshold, "components_scored": self.components_scored,
+                "hit_rule": self.hit_rule, "iou_threshold": self.iou_threshold,
+                "components_scored": self.components_scored,
                 "model_operating_point": self.model_operating_point,
                 "sensitivity_at_1fp": self.sensitivity_at_1fp.to_dict(),
                 "threshold_at_1fp": self.threshold_at_1fp, "operating_points": self.operating_points,
@@ -302,7 +365,7 @@ def _model_operating_point(matched: Sequence[MatchedImage], n_lesions: int,
 
 
 def evaluate_matched(matched: Sequence[MatchedImage], *, fp_rates: Sequence[float] = DEFAULT_FP_RATES,
-                     iou_threshold: float = DEFAULT_IOU_THRESHOLD, n_boot: int = DEFAULT_N_BOOT,
+                     hit: HitRule | str | None = None, n_boot: int = DEFAULT_N_BOOT,
                      seed: int = DEFAULT_SEED, confidence: float = DEFAULT_CONFIDENCE,
                      components_scored: dict[str, Any] | None = None,
                      operating_settings: dict[str, Any] | None = None) -> DetectionReport:
@@ -310,6 +373,7 @@ def evaluate_matched(matched: Sequence[MatchedImage], *, fp_rates: Sequence[floa
     carry operating components, the model's operating point. ``components_scored`` describes what the
     components are (e.g. ``{"source": "candidates", "probability_threshold": 0.05}``) and
     ``operating_settings`` the model's post-processing: both go into the report as given."""
+    hit = HitRule.parse(hit)  # must be the rule the images were matched with (evaluate_lesion_detection passes it)
     matched = list(matched)
     if not matched:
         raise InputError(None, "no images to evaluate for lesion detection")
@@ -341,9 +405,9 @@ def evaluate_matched(matched: Sequence[MatchedImage], *, fp_rates: Sequence[floa
         notes.append(SINGLE_GROUP_NOTE)
     return DetectionReport(
         n_images=len(matched), n_patients=n_groups, n_lesions=n_lesions, n_lesions_without_geometry=n_without,
-        n_components=scored["n_components"], iou_threshold=iou_threshold,
+        n_components=scored["n_components"], iou_threshold=hit.iou, hit_rule=hit.name,
         sensitivity_at_1fp=MetricValue(sens1 if n_lesions else float("nan"), ci, n_lesions), threshold_at_1fp=thr1,
-        operating_points=points, froc=curve, rules=detection_rules(iou_threshold), notes=notes,
+        operating_points=points, froc=curve, rules=detection_rules(hit), notes=notes,
         components_scored=scored, model_operating_point=_model_operating_point(matched, n_lesions, operating_settings),
         n_lesions_lost=sum(lost.values()), lost_in_preprocessing=dict(sorted(lost.items())))
 
@@ -351,5 +415,5 @@ def evaluate_matched(matched: Sequence[MatchedImage], *, fp_rates: Sequence[floa
 def evaluate_lesion_detection(images: Iterable[DetectionImage], **kwargs) -> DetectionReport:
     """Match every image's components to its lesions, then FROC + sensitivity at k FP/image (and the
     operating point when the images carry operating components)."""
-    iou = kwargs.get("iou_threshold", DEFAULT_IOU_THRESHOLD)
-    return evaluate_matched([match_image(im, iou) for im in images], **kwargs)
+    hit = HitRule.parse(kwargs.pop("hit", None))
+    return evaluate_matched([match_image(im, hit) for im in images], hit=hit, **kwargs)

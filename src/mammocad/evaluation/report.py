@@ -1,5 +1,6 @@
-"""Write an evaluation report as ``metrics.json`` (everything, machine-readable) and ``metrics.md``
-(the headline numbers with CIs, the counts, and the rules that define them)."""
+"""Write an evaluation report as ``metrics.json`` (everything, machine-readable), ``metrics.md``
+(the headline numbers with CIs, the counts, and the rules that define them) and, when it scores
+detection, ``froc.png`` (the FROC curve with the model's operating point marked)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 from mammocad.evaluation.bootstrap import MetricValue
 from mammocad.evaluation.lesion_detection import DetectionReport
 from mammocad.evaluation.segmentation import SegmentationReport
-from mammocad.io.atomic import atomic_write_json, atomic_write_text
+from mammocad.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-JSON_NAME, MARKDOWN_NAME = "metrics.json", "metrics.md"
+JSON_NAME, MARKDOWN_NAME, FROC_PNG = "metrics.json", "metrics.md", "froc.png"
 
 _HEADLINE_NAMES = {
     "dice_lesion_images_mean": "Dice, lesion images, mean",
@@ -74,6 +75,7 @@ def detection_markdown(det: DetectionReport, level: str = "##") -> list[str]:
              f"lesions lost in preprocessing (not scored): {det.n_lesions_lost}"
              + (f" ({'; '.join(f'{n}: {why}' for why, n in det.lost_in_preprocessing.items())})" if det.n_lesions_lost else "")
              + ".", "",
+             f"Hit rule: **{det.hit_rule}** (see the rules below).", "",
              f"Components scored: {components_text(det.components_scored)}.", "",
              f"**Sensitivity at 1 FP/image: {_fmt(det.sensitivity_at_1fp.value)}**, 95% CI "
              f"{_ci_text(det.sensitivity_at_1fp)}, threshold {_fmt(det.threshold_at_1fp)}", ""]
@@ -159,4 +161,44 @@ def write_report(report: SegmentationReport | DetectionReport, out_dir: str | Pa
         raise TypeError(f"cannot write a report of type {type(report).__name__}")
     atomic_write_json(json_path, report.to_dict(), strict=True)
     atomic_write_text(md_path, "\n".join(md))
+    det = report if isinstance(report, DetectionReport) else report.detection
+    if det is not None and det.n_lesions:
+        atomic_write_bytes(out / FROC_PNG, froc_png(det))
     return json_path, md_path
+
+
+def froc_png(det: DetectionReport) -> bytes:
+    """PNG of the FROC curve (sensitivity against false positives per image, log axis as in the CAD
+    literature), the sensitivities at the standard rates, and the model's operating point: one marked
+    point that need not lie on the curve (see the rules). matplotlib's object API on the Agg canvas:
+    no global backend is touched."""
+    import io
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    xs = [p.fp_per_image for p in det.froc]
+    ys = [p.sensitivity for p in det.froc]
+    floor = min([x for x in xs if x > 0] + [0.125]) / 2  # where FP/image 0 is drawn on the log axis
+    ax.step([max(x, floor) for x in xs], ys, where="post", label="FROC (candidates)")
+    rates = [(p["fp_per_image"], p["sensitivity"]) for p in det.operating_points if p["sensitivity"] is not None]
+    ax.plot([r[0] for r in rates], [r[1] for r in rates], "o", markersize=4, label="sensitivity at k FP/image")
+    op = det.model_operating_point
+    if op is not None and op.get("sensitivity") is not None:
+        ax.plot([max(op["fp_per_image"], floor)], [op["sensitivity"]], "r*", markersize=12,
+                label=f"model operating point ({op['fp_per_image']:.2f} FP/image, {op['sensitivity']:.2f})")
+    ax.set_xscale("log")
+    ax.set_xlim(floor, max([8.0] + xs) * 1.2)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("false positives per image")
+    ax.set_ylabel("lesion sensitivity")
+    ax.set_title(f"FROC: {det.n_lesions} lesions, {det.n_images} images, hit rule {det.hit_rule}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()

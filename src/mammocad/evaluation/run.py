@@ -32,6 +32,7 @@ import numpy as np
 
 from mammocad.errors import ConfigError, InputError
 from mammocad.evaluation.bootstrap import DEFAULT_N_BOOT, DEFAULT_SEED
+from mammocad.evaluation.lesion_detection import HitRule
 from mammocad.evaluation.predictions import ContentHashes, PredictionsFolder, is_predictions_folder
 from mammocad.evaluation.segmentation import EvalItem, SegmentationReport, evaluate_segmentation
 from mammocad.inference.postprocess import lesions_to_prepared
@@ -108,7 +109,8 @@ def evaluate_prepared(source: Any, prepared_dir: str | Path, split: str = "val",
                       device: str = "auto", batch_size: int | None = None, autocast: str = "auto",
                       n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED, progress: bool = True,
                       candidate_threshold: float | None = None,
-                      unknown_pathology: str | None = None, source_kind: str = "auto") -> SegmentationReport:
+                      unknown_pathology: str | None = None, source_kind: str = "auto",
+                      hit: str | None = None) -> SegmentationReport:
     """Score ``source`` on ``split`` (train | val | test of ``fold`` in the splits file, or all cases).
 
     ``source``: a bundle name or folder, a loaded ``(model, card)``, a ``Predictor``, or a
@@ -119,7 +121,9 @@ def evaluate_prepared(source: Any, prepared_dir: str | Path, split: str = "val",
     lesions of unknown pathology (``datasets.targets.UNKNOWN_CHOICES``; default
     ``DEFAULT_UNKNOWN``: 'lesion' for 2 classes, 'ignore' for 3), the same for both routes.
     ``source_kind``: "model" or "predictions" says what a path ``source`` is (the command line always
-    says); "auto" tells a predictions folder by its summary.json or output marker.
+    says); "auto" tells a predictions folder by its summary.json or output marker. ``hit``: the
+    detection hit rule (``lesion_detection.HitRule``: iou0.1+centroid by default, iou0.1, iou0.5,
+    centroid), written into the report.
     """
     from mammocad.io.outdir import claim_output_dir
 
@@ -128,13 +132,14 @@ def evaluate_prepared(source: Any, prepared_dir: str | Path, split: str = "val",
         raise ConfigError("--split", f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
     if source_kind not in SOURCE_KINDS:
         raise ConfigError("source_kind", f"must be one of {', '.join(SOURCE_KINDS)}, got {source_kind!r}")
+    hit_rule = HitRule.parse(hit)
     with contextlib.ExitStack() as stack:
         if out_dir is not None:  # a bad --out fails here, before a model is loaded or an image read
             stack.enter_context(claim_output_dir(out_dir, "evaluate"))
         report = _evaluate(source, prepared_dir, split, fold, splits_path=splits_path, device=device,
                            batch_size=batch_size, autocast=autocast, n_boot=n_boot, seed=seed, progress=progress,
                            candidate_threshold=candidate_threshold, unknown_pathology=unknown_pathology,
-                           source_kind=source_kind)
+                           source_kind=source_kind, hit=hit_rule)
         if out_dir is not None:
             from mammocad.evaluation.report import write_report
 
@@ -145,7 +150,7 @@ def evaluate_prepared(source: Any, prepared_dir: str | Path, split: str = "val",
 def _evaluate(source: Any, prepared_dir: str | Path, split: str, fold: int, *, splits_path: str | Path | None,
               device: str, batch_size: int | None, autocast: str, n_boot: int, seed: int, progress: bool,
               candidate_threshold: float | None, unknown_pathology: str | None,
-              source_kind: str) -> SegmentationReport:
+              source_kind: str, hit: HitRule) -> SegmentationReport:
     from rich.console import Console
 
     from mammocad.console import progress_bar
@@ -252,7 +257,7 @@ def _evaluate(source: Any, prepared_dir: str | Path, split: str, fold: int, *, s
 
     with progress_bar(console, progress, remaining=False) as bar:
         task = bar.add_task(f"evaluate {split}", total=len(cases))
-        report = evaluate_segmentation(items(bar, task), class_names, n_boot=n_boot, seed=seed)
+        report = evaluate_segmentation(items(bar, task), class_names, n_boot=n_boot, seed=seed, hit=hit)
     if folder is not None and folder.matched_by_path:
         notes.append(f"{len(folder.matched_by_path)} case(s) matched to their prediction by resolved path (and size) "
                      "only: the image could not be read here, or the prediction records no input hash "
