@@ -35,7 +35,7 @@ LAYERS = {
     # predictions and runs a Predictor, the layer DESIGN.md puts above training and inference.
     "mammocad.evaluation": 3,  # the package __init__ re-exports the metric modules only
     "mammocad.evaluation.bootstrap": 3, "mammocad.evaluation.segmentation": 3,
-    "mammocad.evaluation.lesion_detection": 3, "mammocad.evaluation.report": 3,
+    "mammocad.evaluation.lesion_detection": 3, "mammocad.evaluation.report": 3, "mammocad.evaluation.coco_ap": 3,
     # 4: per-task training pieces and inference on the prepared grid (tiling included)
     "mammocad.tasks": 4,
     # 5: the task-agnostic engine, and whole-image inference on original images

@@ -321,12 +321,13 @@ class DetectionReport:
     n_lesions_lost: int = 0  # lost in preprocessing: not scored
     lost_in_preprocessing: dict[str, int] = field(default_factory=dict)  # reason -> lesions
     hit_rule: str = DEFAULT_HIT.name  # HitRule.name: written into every output, the figures depend on it
+    coco: dict[str, Any] | None = None  # COCO AP / AP50 / AP75 of boxes and masks (coco_ap.py), when computed
 
     def to_dict(self) -> dict:
         return {"n_images": self.n_images, "n_patients": self.n_patients, "n_lesions": self.n_lesions,
                 "n_lesions_without_geometry": self.n_lesions_without_geometry, "n_lesions_lost": self.n_lesions_lost,
                 "lost_in_preprocessing": self.lost_in_preprocessing, "n_components": self.n_components,
-                "hit_rule": self.hit_rule, "iou_threshold": self.iou_threshold,
+                "hit_rule": self.hit_rule, "iou_threshold": self.iou_threshold, "coco": self.coco,
                 "components_scored": self.components_scored,
                 "model_operating_point": self.model_operating_point,
                 "sensitivity_at_1fp": self.sensitivity_at_1fp.to_dict(),

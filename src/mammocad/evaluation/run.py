@@ -257,7 +257,7 @@ def _evaluate(source: Any, prepared_dir: str | Path, split: str, fold: int, *, s
 
     with progress_bar(console, progress, remaining=False) as bar:
         task = bar.add_task(f"evaluate {split}", total=len(cases))
-        report = evaluate_segmentation(items(bar, task), class_names, n_boot=n_boot, seed=seed, hit=hit)
+        report = evaluate_segmentation(items(bar, task), class_names, n_boot=n_boot, seed=seed, hit=hit, coco_ap=True)
     if folder is not None and folder.matched_by_path:
         notes.append(f"{len(folder.matched_by_path)} case(s) matched to their prediction by resolved path (and size) "
                      "only: the image could not be read here, or the prediction records no input hash "

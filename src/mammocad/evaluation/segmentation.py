@@ -22,6 +22,7 @@ from mammocad.datasets.targets import IGNORE_INDEX
 from mammocad.errors import InputError
 from mammocad.evaluation.bootstrap import (DEFAULT_CONFIDENCE, DEFAULT_N_BOOT, DEFAULT_SEED, SINGLE_GROUP_NOTE,
                                            MetricValue, bootstrap_ci, group_index, grouped_mean_ci, per_group_sum, ratio)
+from mammocad.evaluation.coco_ap import CocoAccumulator
 from mammocad.evaluation.lesion_detection import (DEFAULT_FP_RATES, DetectionImage, DetectionReport, HitRule,
                                                   MatchedImage, evaluate_matched, match_image)
 from mammocad.io.jsonutil import finite_or_none
@@ -219,7 +220,7 @@ def _mean_max(values: np.ndarray, groups: list[str], boot: dict) -> tuple[Metric
 def evaluate_segmentation(items: Iterable[EvalItem], class_names: Sequence[str], *, ignore_index: int = IGNORE_INDEX,
                           n_boot: int = DEFAULT_N_BOOT, seed: int = DEFAULT_SEED,
                           confidence: float = DEFAULT_CONFIDENCE, fp_rates: Sequence[float] = DEFAULT_FP_RATES,
-                          hit: HitRule | str | None = None, keep_per_image: bool = True,
+                          hit: HitRule | str | None = None, keep_per_image: bool = True, coco_ap: bool = False,
                           components_scored: dict | None = None, operating_settings: dict | None = None,
                           ) -> SegmentationReport:
     """Score every item; see ``segmentation_rules`` for the definitions (they go into the report).
@@ -227,6 +228,7 @@ def evaluate_segmentation(items: Iterable[EvalItem], class_names: Sequence[str],
     ``evaluate_matched``)."""
     class_names = [str(c) for c in class_names]
     hit = HitRule.parse(hit)
+    coco = CocoAccumulator() if coco_ap else None  # COCO AP of the same components, class-agnostic
     if len(class_names) < 2:
         raise InputError(None, f"need a background class and at least one lesion class, got {class_names}")
     results: list[ImageResult] = []
@@ -243,6 +245,10 @@ def evaluate_segmentation(items: Iterable[EvalItem], class_names: Sequence[str],
             matched.append(match_image(DetectionImage(item.case_id, str(item.patient_id), item.gt.shape[:2],
                                                       item.lesion_masks, item.components, item.operating_components,
                                                       dict(item.lost_lesions or {})), hit))
+            if coco is not None:
+                lost = dict(item.lost_lesions or {})
+                coco.add(item.gt.shape[:2], [None if k in lost else m for k, m in enumerate(item.lesion_masks)],
+                         item.components)
     if not results:
         raise InputError(None, "no images to evaluate")
     boot = {"n_boot": n_boot, "seed": seed, "confidence": confidence}
@@ -319,6 +325,8 @@ def evaluate_segmentation(items: Iterable[EvalItem], class_names: Sequence[str],
     if with_detection:
         detection = evaluate_matched(matched, fp_rates=fp_rates, hit=hit, **boot,
                                      components_scored=components_scored, operating_settings=operating_settings)
+        if coco is not None:
+            detection.coco = coco.result()
     return SegmentationReport(
         class_names=class_names, n_images=len(results), n_patients=len(groups),
         counts={"lesion_images": int((cat == LESION_IMAGE).sum()), "both_empty": int((cat == BOTH_EMPTY).sum()),
