@@ -210,6 +210,65 @@ def test_official_needs_source_split(tmp_path):
         make_splits(root, val=0.6, test=0.5)
 
 
+def folded_cases(n_patients: int = 100, k: int = 5) -> list[Case]:
+    """Synthetic cases carrying a source's own patient-grouped folds, as BUS-BRA's ``cv5_fold``."""
+    cases = synthetic_cases(n_patients, seed=6)
+    for c in cases:
+        c.attributes["cv5_fold"] = int(c.patient_id[1:]) % k + 1
+    return cases
+
+
+def test_official_folds_test_each_fold_once_and_carve_val_by_patient(tmp_path):
+    cases = folded_cases()
+    root = write_records(tmp_path / "prep", cases)
+    result = make_splits(root, official_folds="cv5", val=0.2, seed=3)
+    data = result.data
+    assert data["method"] == "official_folds" and data["official_fold_numbers"] == [1, 2, 3, 4, 5]
+    assert data["parameters"]["official_folds"] == "cv5" and data["parameters"]["test"] is None
+    assert data["parameters"]["val"] == 0.2 and len(data["folds"]) == 5
+    all_ids = sorted(c.case_id for c in cases)
+    pid = {c.case_id: c.patient_id for c in cases}
+    tested = Counter(cid for f in data["folds"] for cid in f["test"])
+    assert sorted(tested) == all_ids and set(tested.values()) == {1}  # every image tested exactly once
+    for i, fold in enumerate(data["folds"]):
+        assert fold["test"] == sorted(c.case_id for c in cases if c.attributes["cv5_fold"] == i + 1)  # the source's fold
+        assert sorted(fold["train"] + fold["val"] + fold["test"]) == all_ids
+        pats = {name: {pid[c] for c in fold[name]} for name in ("train", "val", "test")}
+        assert not pats["train"] & pats["val"] and not pats["train"] & pats["test"] and not pats["val"] & pats["test"]
+        assert len(pats["val"]) == pytest.approx(0.2 * 80, abs=1)  # val: 20% of the 80 other patients
+    assert audit_splits(root).ok
+    assert make_splits(root, official_folds="cv5", val=0.2, seed=3, out=tmp_path / "again.json").data["folds"] == data["folds"]
+    assert all(f["val"] == [] for f in make_splits(root, official_folds="cv5", val=0.0, out=tmp_path / "noval.json").data["folds"])
+    from rich.console import Console
+
+    console = Console(record=True, width=200)
+    result.print_summary(console)
+    assert "4 (official 5)" in console.export_text()
+
+
+def test_official_folds_refuse_missing_attribute_crossing_patients_and_other_modes(tmp_path):
+    root = write_records(tmp_path / "none", synthetic_cases(20))
+    with pytest.raises(ConfigError, match=r"needs each case's 'cv5_fold' attribute .* cases have none"):
+        make_splits(root, official_folds="cv5")
+    cases = folded_cases(30)
+    crossing = next(c for c in cases if c.patient_id == "p007")
+    cases.append(Case(case_id="p007_x", patient_id="p007", dataset="t", modality="US", image_path="/x/y.png",
+                      label="benign", attributes={"cv5_fold": crossing.attributes["cv5_fold"] % 5 + 1}))
+    root = write_records(tmp_path / "crossing", cases)
+    with pytest.raises(ConfigError, match=r"not grouped by patient: 1 patient\(s\) .*p007"):
+        make_splits(root, official_folds="cv5")
+    root = write_records(tmp_path / "ok", folded_cases(30))
+    with pytest.raises(ConfigError, match="--official"):
+        make_splits(root, official_folds="cv5", official=True)
+    with pytest.raises(ConfigError, match="--folds"):
+        make_splits(root, official_folds="cv5", folds=5)
+    with pytest.raises(ConfigError, match="fold scheme"):
+        make_splits(root, official_folds="../cv5")
+    one_fold = folded_cases(30, k=1)
+    with pytest.raises(ConfigError, match="at least 2 folds"):
+        make_splits(write_records(tmp_path / "one", one_fold), official_folds="cv5")
+
+
 def test_audit_catches_planted_leaks_and_cli_exits_1(tmp_path):
     cases = synthetic_cases(40, seed=5)
     hashes = [f"{h:016x}" for h in np.random.default_rng(9).integers(0, 2**63, len(cases))]

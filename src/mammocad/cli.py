@@ -63,7 +63,7 @@ def _parse_options(items: list[str] | None) -> dict[str, str]:
 
 @app.command()
 def prepare(
-    dataset: str = typer.Argument(..., help="adapter name: cbis-ddsm, mias, busi, via, coco, folder"),
+    dataset: str = typer.Argument(..., help="adapter name: cbis-ddsm, mias, busi, busbra, via, coco, folder"),
     raw_dir: Path = typer.Argument(..., help="the dataset as downloaded"),
     out_dir: Path = typer.Argument(..., help="where the prepared dataset goes"),
     size: str = typer.Option("1024", help="long side (e.g. 512, 1024) or HxW letterbox (1024x1024, 2750x1100)"),
@@ -109,13 +109,16 @@ def split(
     official: bool = typer.Option(False, help="keep the source's own train/test split (CBIS-DDSM)"),
     keep_crossing: bool = typer.Option(False, help="with --official: keep the patients found in both official "
                                                    "splits (they leak; dropped by default)"),
+    official_folds: Optional[str] = typer.Option(None, help="test = each of the source's own patient-grouped folds "
+                                                            "(BUS-BRA: cv5, cv10); val = --val of the other patients"),
     out: Optional[Path] = typer.Option(None, help="output file (default PREPARED_DIR/splits.json)"),
 ) -> None:
     """Write a patient-grouped, label-stratified, seeded split (splits.json)."""
     from mammocad.datasets.splits import make_splits
 
     result = make_splits(prepared_dir, val=val, test=test, folds=folds, seed=seed, official=official,
-                         keep_crossing=keep_crossing, out=out)
+                         keep_crossing=keep_crossing, out=out,
+                         official_folds=official_folds)
     result.print_summary()
 
 

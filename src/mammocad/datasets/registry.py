@@ -29,7 +29,7 @@ def register_adapter(name: str) -> Callable[[Adapter], Adapter]:
 
 def _load_builtin() -> None:
     # Importing the modules registers them; kept lazy so that importing the registry is cheap.
-    from mammocad.datasets import busi, cbis_ddsm, coco, folder, mias, via  # noqa: F401
+    from mammocad.datasets import busbra, busi, cbis_ddsm, coco, folder, mias, via  # noqa: F401
 
 
 def list_adapters() -> list[str]:

@@ -3,16 +3,20 @@
 ``splits.json`` follows nnU-Net v2's ``splits_final.json`` (a list of folds with case ids) but is
 grouped by PATIENT, always::
 
-    {"version": 1, "seed": 0, "method": "fractions" | "kfold" | "official",
+    {"version": 1, "seed": 0, "method": "fractions" | "kfold" | "official" | "official_folds",
      "group_by": "patient", "stratify_by": "label",
-     "parameters": {"val": .., "test": .., "folds": .., "official": .., "keep_crossing": ..},
+     "parameters": {"val": .., "test": .., "folds": .., "official": .., "keep_crossing": .., "official_folds": ..},
      "folds": [{"train": [case ids], "val": [...], "test": [...]}, ...],
      "dropped": {"patients": [...], "reason": ...}, "crossing_patients": [...],
      "counts": [{"train": {"cases", "patients", "labels"}, ...} per fold], "notes": [...]}
 
 Fractions give one fold; k folds give k entries: the ``test`` fraction of the patients is carved
 off first (stratified, seeded; with ``official`` the official test set instead), then the other
-patients are cut into k folds (val = fold k); every entry lists the same test set. A patient's label is the worst label of its images
+patients are cut into k folds (val = fold k); every entry lists the same test set. With
+``official_folds`` the source's own patient-grouped folds (BUS-BRA's ``cv5``/``cv10``, read from
+``case.attributes["<name>_fold"]``) are the folds: entry i tests the source's i-th fold
+(``official_fold_numbers[i]``), so every image is tested exactly once, and its val is a fraction of
+the other patients. A patient's label is the worst label of its images
 (malignant > benign > unknown > normal) and the split is made on the list of patients with
 scikit-learn (``train_test_split(stratify=...)``, ``StratifiedKFold``): one row per patient makes
 grouping exact and stratifies by the patient label, which ``StratifiedGroupKFold`` only
@@ -21,6 +25,7 @@ approximates on image rows. Patients are sorted first, so the same seed writes t
 
 from __future__ import annotations
 
+import re
 import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
@@ -79,6 +84,31 @@ def _kfold(patients: list[str], labels: list[str], k: int, seed: int, notes: lis
     return [sorted(patients[i] for i in val_idx) for _, val_idx in parts]
 
 
+def official_fold_patients(cases: list[Case], name: str, source: Path) -> dict[int, list[str]]:
+    """{fold number: sorted patient ids} of the source's own folds ``case.attributes[f"{name}_fold"]``.
+
+    Refuses cases without the attribute and folds that are not grouped by patient: a patient in
+    two folds would be tested by a model trained on its other images."""
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise ConfigError("--official-folds", f"expected a fold scheme name like cv5, got {name!r}")
+    key = f"{name}_fold"
+    missing = [c for c in cases if isinstance(c.attributes.get(key), bool) or not isinstance(c.attributes.get(key), int)]
+    if missing:
+        raise ConfigError(source, f"--official-folds {name} needs each case's {key!r} attribute (busbra sets cv5_fold and "
+                                  f"cv10_fold); {len(missing)} of {len(cases)} cases have none (e.g. {missing[0].case_id})")
+    folds_of: dict[str, set[int]] = defaultdict(set)
+    for c in cases:
+        folds_of[c.patient_id].add(c.attributes[key])
+    crossing = sorted(p for p, s in folds_of.items() if len(s) > 1)
+    if crossing:
+        raise ConfigError(source, f"official folds {name} are not grouped by patient: {len(crossing)} patient(s) in several "
+                                  f"folds (e.g. {crossing[0]} in folds {sorted(folds_of[crossing[0]])})")
+    numbers = sorted({n for s in folds_of.values() for n in s})
+    if len(numbers) < 2:
+        raise ConfigError(source, f"official folds {name}: every case is in fold {numbers[0]}; at least 2 folds are needed")
+    return {n: sorted(p for p, s in folds_of.items() if n in s) for n in numbers}
+
+
 def _counts(fold: dict[str, list[str]], by_id: dict[str, Case]) -> dict[str, Any]:
     out = {}
     for name in SPLIT_NAMES:
@@ -102,11 +132,12 @@ class SplitResult:
         t = Table(title=f"{self.path}  ({d['method']}, seed {d['seed']}, grouped by patient)")
         for col in ("fold", "split", "cases", "patients", "labels"):
             t.add_column(col)
+        numbers = d.get("official_fold_numbers")
         for i, counts in enumerate(d["counts"]):
             for name in SPLIT_NAMES:
                 c = counts[name]
                 if c["cases"]:
-                    t.add_row(str(i), name, str(c["cases"]), str(c["patients"]),
+                    t.add_row(str(i) if not numbers else f"{i} (official {numbers[i]})", name, str(c["cases"]), str(c["patients"]),
                               ", ".join(f"{k} {v}" for k, v in c["labels"].items()))
         console.print(t)
         crossing = d.get("crossing_patients") or []
@@ -119,7 +150,8 @@ class SplitResult:
 
 
 def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15, folds: int = 0, seed: int = 0,
-                official: bool = False, keep_crossing: bool = False, out: str | Path | None = None) -> SplitResult:
+                official: bool = False, keep_crossing: bool = False, out: str | Path | None = None,
+                official_folds: str | None = None) -> SplitResult:
     """Write splits.json (default ``prepared_dir/splits.json``, atomically) and return it.
 
     ``official``: keep the source's own train/test (``Case.split``); val is ``val`` of the official
@@ -127,6 +159,10 @@ def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15,
     both and reported: keeping them puts one patient's images in train and test, the leak the
     audit exists to catch. ``keep_crossing`` keeps them anyway (to reproduce work that used the
     official split as published), with the warning in the summary.
+
+    ``official_folds`` (e.g. ``"cv5"``): one entry per fold of the source's own patient-grouped
+    cross-validation (``official_fold_patients``), test = that fold, val = ``val`` of the other
+    patients (stratified, seeded), train = the rest; ``test`` and ``folds`` do not apply.
     """
     from mammocad.io.atomic import atomic_write_json
 
@@ -140,6 +176,10 @@ def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15,
         raise ConfigError("--val/--test", f"fractions must be in [0, 1) with val + test < 1, got val={val} test={test}")
     if keep_crossing and not official:
         raise ConfigError("--keep-crossing", "only makes sense with --official")
+    if official_folds is not None and official:
+        raise ConfigError("--official-folds", "cannot be combined with --official (the source's own train/test)")
+    if official_folds is not None and folds:
+        raise ConfigError("--folds", "the official folds set the number of folds; leave --folds at 0 with --official-folds")
     notes: list[str] = []
     dropped: dict[str, Any] = {"patients": [], "reason": None}
     crossing: list[str] = []
@@ -169,7 +209,17 @@ def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15,
     def ids(pats: list[str]) -> list[str]:
         return sorted(cid for p in pats for cid in by_patient[p])
 
-    if folds:
+    fold_numbers: list[int] = []
+    fold_list: list[dict[str, list[str]]] = []
+    if official_folds is not None:
+        for number, test_pats in official_fold_patients(pool, official_folds, ds.root).items():
+            rest = sorted(set(patients) - set(test_pats))
+            train_pats, val_pats = _carve(rest, [plabels[p] for p in rest], val, seed, "val", notes, ds.root)
+            fold_list.append({"train": ids(train_pats), "val": ids(val_pats), "test": ids(test_pats)})
+            fold_numbers.append(number)
+        notes = list(dict.fromkeys(notes))  # one note, not one per fold
+        method = "official_folds"
+    elif folds:
         if not official:  # the held-out test patients first, then k folds over the rest
             patients, test_pats = _carve(patients, labels, test, seed, "test", notes, ds.root)
             labels = [plabels[p] for p in patients]
@@ -188,11 +238,13 @@ def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15,
     by_id = {c.case_id: c for c in cases}
     data = {
         "version": 1, "seed": seed, "method": method, "group_by": "patient", "stratify_by": "label",
-        "parameters": {"val": None if folds else val, "test": None if official else test, "folds": folds, "official": official,
-                       "keep_crossing": keep_crossing},
+        "parameters": {"val": None if folds else val, "test": None if official or official_folds else test, "folds": folds,
+                       "official": official, "keep_crossing": keep_crossing, "official_folds": official_folds},
         "folds": fold_list, "dropped": dropped, "crossing_patients": crossing,
         "counts": [_counts(f, by_id) for f in fold_list], "notes": notes,
     }
+    if official_folds is not None:
+        data["official_fold_numbers"] = fold_numbers  # entry i tests the source's fold official_fold_numbers[i]
     path = Path(out) if out is not None else ds.root / SPLITS_FILE
     atomic_write_json(path, data, sort_keys=True)
     return SplitResult(path=path, data=data)
