@@ -54,3 +54,71 @@ def test_undefined_without_lesions_and_zero_without_detections():
     acc = CocoAccumulator()
     acc.add(SHAPE, [rect(SHAPE, 1, 1, 5, 5)], [])
     assert acc.result()["mask"] == {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
+
+
+def test_agrees_with_torchmetrics_mean_average_precision():
+    """Cross-check (issue 7.5): the same detections through torchmetrics' MeanAveragePrecision, boxes
+    and masks, on a random scene of several images with jittered, rescored and spurious detections.
+
+    Every image has a lesion here: on an image WITHOUT ground truth, torchmetrics 1.9's "segm" mode
+    drops the false positives (its "bbox" mode and COCOeval itself count them; measured: adding two
+    lesion-free images with false positives left its mask mAP unchanged while its box mAP fell).
+    We follow COCOeval; ``test_false_positives_on_lesion_free_images_count`` pins that."""
+    import torch
+    from torchmetrics.detection import MeanAveragePrecision
+
+    rng = np.random.default_rng(7)
+    acc = CocoAccumulator()
+    preds, targets = [], []
+    for _ in range(6):
+        gts = []
+        for _ in range(int(rng.integers(1, 4))):
+            x0, y0 = int(rng.integers(0, 50)), int(rng.integers(0, 40))
+            gts.append(rect(SHAPE, x0, y0, x0 + int(rng.integers(6, 28)), y0 + int(rng.integers(6, 22))))
+        dets = []
+        for g in gts:  # a jittered detection of most lesions
+            if rng.random() < 0.8:
+                ys, xs = np.nonzero(g)
+                dx, dy = (int(v) for v in rng.integers(-4, 5, size=2))
+                x0, y0 = max(xs.min() + dx, 0), max(ys.min() + dy, 0)
+                dets.append(rect(SHAPE, x0, y0, min(xs.max() + 1 + dx, SHAPE[1]), min(ys.max() + 1 + dy, SHAPE[0])))
+        for _ in range(int(rng.integers(0, 3))):  # and false positives
+            x0, y0 = int(rng.integers(0, 60)), int(rng.integers(0, 50))
+            dets.append(rect(SHAPE, x0, y0, x0 + 10, y0 + 8))
+        dets = [d for d in dets if d.any()]
+        scores = rng.random(len(dets))
+        acc.add(SHAPE, gts, [LesionComponent.from_mask(d, s) for d, s in zip(dets, scores)])
+
+        def boxes(masks):
+            out = []
+            for m in masks:
+                ys, xs = np.nonzero(m)
+                out.append([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
+            return torch.tensor(out, dtype=torch.float32).reshape(-1, 4)
+
+        def stack(masks):
+            return torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, *SHAPE), dtype=torch.bool)
+
+        preds.append({"boxes": boxes(dets), "scores": torch.tensor(scores, dtype=torch.float32),
+                      "labels": torch.ones(len(dets), dtype=torch.long), "masks": stack(dets)})
+        targets.append({"boxes": boxes(gts), "labels": torch.ones(len(gts), dtype=torch.long), "masks": stack(gts)})
+    ours = acc.result()
+    assert ours["n_lesions"] > 5 and ours["n_detections"] > ours["n_lesions"]
+    for kind, iou_type in (("box", "bbox"), ("mask", "segm")):
+        metric = MeanAveragePrecision(iou_type=iou_type)
+        metric.update(preds, targets)
+        theirs = metric.compute()
+        got = ours[kind]
+        assert got["AP"] == pytest.approx(float(theirs["map"]), abs=1e-6), kind
+        assert got["AP50"] == pytest.approx(float(theirs["map_50"]), abs=1e-6), kind
+        assert got["AP75"] == pytest.approx(float(theirs["map_75"]), abs=1e-6), kind
+
+
+def test_false_positives_on_lesion_free_images_count():
+    """COCO's rule (and the FROC's): a normal image's detections are false positives."""
+    lesion = rect(SHAPE, 10, 10, 30, 30)
+    acc = CocoAccumulator()
+    acc.add(SHAPE, [lesion], [LesionComponent.from_mask(lesion, 0.5)])
+    alone = acc.result()["mask"]["AP50"]
+    acc.add(SHAPE, [], [LesionComponent.from_mask(rect(SHAPE, 40, 40, 60, 60), 0.9)])  # a normal image
+    assert alone == pytest.approx(1.0) and acc.result()["mask"]["AP50"] == pytest.approx(0.5, abs=0.01)

@@ -102,8 +102,11 @@ class CocoAccumulator:
             if not self._dets:
                 out[kind] = {"AP": 0.0, "AP50": 0.0, "AP75": 0.0}
                 continue
+            # loadRes takes the first of 'bbox' / 'segmentation' it finds and REWRITES the other from it (a
+            # box becomes a rectangle polygon), so each pass gets only its own geometry
+            drop = "segmentation" if kind == "box" else "bbox"
             with contextlib.redirect_stdout(io.StringIO()):
-                dt = gt.loadRes([dict(d) for d in self._dets])
+                dt = gt.loadRes([{k: v for k, v in d.items() if k != drop} for d in self._dets])
                 ev = COCOeval(gt, dt, iou_type)
                 ev.evaluate()
                 ev.accumulate()
