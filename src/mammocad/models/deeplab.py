@@ -12,9 +12,17 @@ DeepLabHead layout) and bilinear upsampling to the input size.
 
 Paper/spec (full-size) setting: ``base_width=64`` (ResNet-18), ``aspp_channels=256``, output
 stride 16: 15.9M parameters. Default here: ``base_width=32``, ``aspp_channels=64`` (3.3M, CPU). GroupNorm instead of BatchNorm everywhere because CPU batches are 2-8 images.
+
+``encoder="efficientnet_lite0"`` (any ``backbones.list_backbones()`` name, ``pretrained`` weights)
+replaces the trunk by that backbone, whole (output stride 32: its stages are not made atrous, so
+the ImageNet features are used as trained); the same ASPP head (rates 3/6/9 by default, half of
+OS16's because the map is half as large) on the stride-32 map, then bilinear upsampling.
+``encoder=None`` is exactly the model above.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +31,8 @@ from torchvision.models.resnet import BasicBlock
 from torchvision.models.segmentation.deeplabv3 import ASPP
 
 from mammocad.errors import ConfigError
+from mammocad.models.backbones import Pretrained
+from mammocad.models.encoders import EncoderModel, check_no_weights_without_encoder
 from mammocad.models.registry import (
     batchnorm_to_groupnorm,
     check_input,
@@ -113,8 +123,47 @@ class DeepLabV3(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
+def aspp_head(c_in: int, num_classes: int, aspp_channels: int, rates: list[int], dropout: float) -> nn.Sequential:
+    """torchvision's ASPP (GroupNorm inside) + 3x3 conv + 1x1 classifier (its DeepLabHead layout)."""
+    aspp = batchnorm_to_groupnorm(ASPP(c_in, rates, aspp_channels))
+    aspp.project[-1].p = dropout
+    return nn.Sequential(
+        aspp,
+        nn.Conv2d(aspp_channels, aspp_channels, 3, padding=1, bias=False),
+        group_norm(aspp_channels),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(aspp_channels, num_classes, 1),
+    )
+
+
+class EncoderDeepLabV3(EncoderModel):
+    """DeepLabv3's ASPP head on the stride-32 map of a pretrained backbone (see the module doc)."""
+
+    model_name = "deeplabv3"
+
+    def __init__(self, encoder: str, pretrained: Pretrained = True, in_channels: int = 1, num_classes: int = 1,
+                 aspp_channels: int = 64, atrous_rates: list[int] | None = None, dropout: float = 0.5,
+                 normalization: dict[str, Any] | None = None):
+        super().__init__()
+        self.setup_encoder(encoder, pretrained, in_channels, num_classes, normalization, out_indices=(4,))
+        self.head = aspp_head(self.encoder.out_channels[-1], num_classes, aspp_channels,
+                              list(atrous_rates or [3, 6, 9]), dropout)
+        kaiming_init(self.head)
+
+    def decode(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(self.head(features[-1]), size=size, mode="bilinear", align_corners=False)
+
+
 @register_model("deeplabv3")
-def deeplabv3(weights_path: str | None = None, **kwargs) -> DeepLabV3:
+def deeplabv3(weights_path: str | None = None, encoder: str | None = None, pretrained: Pretrained = True,
+              **kwargs) -> nn.Module:
+    """DeepLabv3 on its ResNet-18 trunk, or with ``encoder`` on that pretrained backbone."""
+    if encoder is not None:
+        if weights_path is not None:
+            raise ConfigError("model deeplabv3", "weights_path is for the ResNet-18 trunk; with an encoder use "
+                                                 "pretrained: PATH")
+        return EncoderDeepLabV3(encoder, pretrained=pretrained, **kwargs)
+    check_no_weights_without_encoder("deeplabv3", pretrained)
     model = DeepLabV3(**kwargs)
     if weights_path is not None:
         load_encoder_weights(model.backbone, weights_path, model.in_channels)  # torchvision resnet18 keys

@@ -9,15 +9,25 @@ Defaults are CPU-sized: ``width_mult=0.25`` (16-128 channels), ``fc_channels=512
 because without ImageNet weights a plain 15-layer VGG barely trains from scratch; ``norm="none"``
 gives the paper's layout. fc6 is padded (``fc_kernel // 2``) instead of the paper's 100-pixel input
 padding, so small tiles work and the output is aligned without cropping.
+
+``encoder="resnet18"`` (any ``backbones.list_backbones()`` name, ``pretrained`` weights) replaces
+VGG16 by that backbone: its stride-8/16/32 maps play pool3/pool4/pool5, a light "fc" block (3x3
+conv to ``fc_channels``, dropout) replaces fc6/fc7, and the score, fusion and upsampling layers and
+their names are the ones above, so ``init_from`` (32s -> 16s -> 8s) works the same way.
+``encoder=None`` is exactly the VGG16 model above.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mammocad.errors import ConfigError
+from mammocad.models.backbones import Pretrained
+from mammocad.models.encoders import EncoderModel, check_no_weights_without_encoder
 from mammocad.models.registry import check_input, kaiming_init, load_encoder_weights, make_norm, register_model
 
 # torchvision's VGG16 configuration "D": conv widths, "M" = 2x2 max-pool.
@@ -168,24 +178,49 @@ class FCN(nn.Module):
                 pool3 = h
             elif i == self.pool4_index:
                 pool4 = h
-        score = self.score_fr(self.fc(h))
-        if self.variant == 32:
-            return self.upscore32(score)
-        score = self.upscore2(score) + self.score_pool4(pool4)
-        if self.variant == 16:
-            return self.upscore16(score)
-        score = self.upscore_pool4(score) + self.score_pool3(pool3)
-        return self.upscore8(score)
+        return fuse_scores(self, pool3, pool4, h)
+
+
+def add_score_layers(model: nn.Module, variant: int, c3: int, c4: int, fc_channels: int, num_classes: int,
+                     upsample: str, learnable_upsample: bool) -> None:
+    """FCN's scoring and fusion layers (names as Long et al.'s Caffe model), zero-initialised scores."""
+    model.score_fr = nn.Conv2d(fc_channels, num_classes, 1)
+    if variant <= 16:
+        model.score_pool4 = nn.Conv2d(c4, num_classes, 1)
+        model.upscore2 = ScoreUpsample(num_classes, 2, upsample, learnable_upsample)
+    if variant == 8:
+        model.score_pool3 = nn.Conv2d(c3, num_classes, 1)
+        model.upscore_pool4 = ScoreUpsample(num_classes, 2, upsample, learnable_upsample)
+    setattr(model, f"upscore{variant}", ScoreUpsample(num_classes, variant, upsample, learnable=False))
+
+
+def zero_scores(model: nn.Module) -> None:
+    for name in ("score_fr", "score_pool4", "score_pool3"):  # zero-initialised scoring, as Long et al.
+        if hasattr(model, name):
+            nn.init.zeros_(getattr(model, name).weight)
+            nn.init.zeros_(getattr(model, name).bias)
+
+
+def fuse_scores(model: nn.Module, pool3: torch.Tensor, pool4: torch.Tensor, pool5: torch.Tensor) -> torch.Tensor:
+    """FCN-32s/16s/8s: score the stride-32 map, add the stride-16 and stride-8 scores, upsample."""
+    score = model.score_fr(model.fc(pool5))
+    if model.variant == 32:
+        return model.upscore32(score)
+    score = model.upscore2(score) + model.score_pool4(pool4)
+    if model.variant == 16:
+        return model.upscore16(score)
+    score = model.upscore_pool4(score) + model.score_pool3(pool3)
+    return model.upscore8(score)
 
 
 def init_fcn_from(dst: FCN, src: FCN) -> FCN:
     """Initialise ``dst`` from a trained coarser FCN ``src`` (32s -> 16s -> 8s), as Long et al.:
     every tensor with the same name and shape is copied; skip score layers ``src`` lacks are zeroed,
     so ``dst`` starts from ``src``'s coarse predictions (upsampled in two steps instead of one)."""
-    if not isinstance(dst, FCN) or not isinstance(src, FCN):
+    if not isinstance(dst, (FCN, EncoderFCN)) or not isinstance(src, (FCN, EncoderFCN)):
         raise ConfigError("init_from", "FCN initialisation needs two FCN models (fcn32/fcn16/fcn8)")
     src_state, dst_state = src.state_dict(), dst.state_dict()
-    trunk = [k for k in src_state if k.startswith(("features.", "fc.", "score_fr."))]
+    trunk = [k for k in src_state if k.startswith(("features.", "encoder.", "normalize.", "fc.", "score_fr."))]
     bad = [k for k in trunk if k not in dst_state or dst_state[k].shape != src_state[k].shape]
     if bad or src.in_channels != dst.in_channels:
         raise ConfigError("init_from", f"source FCN has a different architecture (first difference: {bad[:1]}); use the same kwargs")
@@ -198,7 +233,48 @@ def init_fcn_from(dst: FCN, src: FCN) -> FCN:
     return dst
 
 
-def _build(variant: int, init_from: FCN | None = None, weights_path: str | None = None, **kwargs) -> FCN:
+class EncoderFCN(EncoderModel):
+    """FCN-``variant``s on a pretrained backbone (see the module doc); stride-8/16/32 maps fused."""
+
+    model_name = "fcn"
+
+    def __init__(self, encoder: str, variant: int = 32, pretrained: Pretrained = True, in_channels: int = 1,
+                 num_classes: int = 1, fc_channels: int = 256, norm: str = "group", dropout: float = 0.5,
+                 upsample: str = "transposed", learnable_upsample: bool = True,
+                 normalization: dict[str, Any] | None = None):
+        super().__init__()
+        if variant not in (32, 16, 8):
+            raise ConfigError("model fcn", f"variant must be 32, 16 or 8, got {variant!r}")
+        self.model_name, self.variant = f"fcn{variant}", variant
+        self.setup_encoder(encoder, pretrained, in_channels, num_classes, normalization, out_indices=(2, 3, 4))
+        c3, c4, c5 = self.encoder.out_channels
+        self.fc = nn.Sequential(
+            nn.Conv2d(c5, fc_channels, 3, padding=1, bias=norm == "none"),
+            make_norm(norm, fc_channels),
+            nn.ReLU(inplace=True),
+            nn.Dropout(dropout),
+        )
+        add_score_layers(self, variant, c3, c4, fc_channels, num_classes, upsample, learnable_upsample)
+        for name, child in self.named_children():
+            if name not in ("encoder", "normalize"):
+                kaiming_init(child)
+        zero_scores(self)
+
+    def decode(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        return fuse_scores(self, *features)
+
+
+def _build(variant: int, init_from: nn.Module | None = None, weights_path: str | None = None,
+           encoder: str | None = None, pretrained: Pretrained = True, **kwargs) -> nn.Module:
+    if encoder is not None:
+        if weights_path is not None:
+            raise ConfigError(f"model fcn{variant}", "weights_path is for the VGG16 trunk; with an encoder use "
+                                                     "pretrained: PATH")
+        model = EncoderFCN(encoder, variant=variant, pretrained=pretrained, **kwargs)
+        if init_from is not None:
+            init_fcn_from(model, init_from)
+        return model
+    check_no_weights_without_encoder(f"fcn{variant}", pretrained)
     model = FCN(variant=variant, **kwargs)
     if weights_path is not None:
         load_encoder_weights(model, weights_path, model.in_channels)  # torchvision keys "features.N.*"
@@ -208,15 +284,15 @@ def _build(variant: int, init_from: FCN | None = None, weights_path: str | None 
 
 
 @register_model("fcn32")
-def fcn32(**kwargs) -> FCN:
-    return _build(32, **kwargs)
+def fcn32(encoder: str | None = None, pretrained: Pretrained = True, **kwargs) -> nn.Module:
+    return _build(32, encoder=encoder, pretrained=pretrained, **kwargs)
 
 
 @register_model("fcn16")
-def fcn16(**kwargs) -> FCN:
-    return _build(16, **kwargs)
+def fcn16(encoder: str | None = None, pretrained: Pretrained = True, **kwargs) -> nn.Module:
+    return _build(16, encoder=encoder, pretrained=pretrained, **kwargs)
 
 
 @register_model("fcn8")
-def fcn8(**kwargs) -> FCN:
-    return _build(8, **kwargs)
+def fcn8(encoder: str | None = None, pretrained: Pretrained = True, **kwargs) -> nn.Module:
+    return _build(8, encoder=encoder, pretrained=pretrained, **kwargs)

@@ -9,7 +9,10 @@ Contract of every registered model (checked by ``tests/test_models.py`` over ``l
 - ``model.mammocad_config == {"name": ..., "kwargs": {...}}`` holds the JSON-able constructor
   arguments, so a bundle rebuilds the architecture from JSON (``model_from_config``) and loads its
   safetensors weights without pickle. Arguments that only *initialise* weights (``init_from``,
-  ``weights_path``) are not part of the architecture and are left out;
+  ``weights_path``, an encoder's ``pretrained``) are not part of the architecture and are left out;
+  a model that accepts ``pretrained`` is rebuilt with ``pretrained=False`` (the weights come from
+  the bundle, the ImageNet file is never read again). Arguments a constructor resolves itself (an
+  encoder's input ``normalization``) are added from ``model.recorded_kwargs``;
 - fixed (never trained) tensors are buffers, not frozen parameters: training makes every parameter
   trainable at the start of each stage. A parameter that must stay one and stay fixed is named (a
   prefix) in ``model.fixed_parameters``; ``fixed_parameter_names`` lists them and training keeps
@@ -22,6 +25,7 @@ model modules so each of them stays a plain description of its paper's architect
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -33,7 +37,7 @@ from mammocad.errors import ConfigError, InputError
 
 ModelFactory = Callable[..., nn.Module]
 _MODELS: dict[str, ModelFactory] = {}
-INIT_ONLY_KWARGS = ("init_from", "weights_path")  # change weights, not the architecture
+INIT_ONLY_KWARGS = ("init_from", "weights_path", "pretrained")  # change weights, not the architecture
 NORMS = ("batch", "group", "instance", "none")
 # Bounds on architecture arguments, by name: a card or config asking for more is a typo or an attack
 # (``base_channels: 4096`` took 23.5 GB before it was killed). Checked before anything is allocated,
@@ -80,7 +84,7 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
     check_sizes(name, arch_kwargs)
     try:
         with torch.device("meta"):  # the architecture without its memory: count before allocating
-            probe = _MODELS[name](**arch_kwargs)
+            probe = _MODELS[name](**arch_kwargs, **_no_pretrained(name))
         n_params = sum(p.numel() for p in probe.parameters())
         if n_params > MAX_PARAMETERS:
             raise ConfigError(f"model {name}", f"{n_params / 1e6:.0f} M parameters exceed the bound of "
@@ -89,8 +93,19 @@ def create_model(name: str, **kwargs: Any) -> nn.Module:
         model = _MODELS[name](**kwargs)
     except TypeError as err:  # unknown / missing keyword: a config mistake, say which
         raise ConfigError(f"model {name}", str(err)) from None
-    model.mammocad_config = {"name": name, "kwargs": arch_kwargs}
+    recorded = json.loads(json.dumps(getattr(model, "recorded_kwargs", {})))
+    model.mammocad_config = {"name": name, "kwargs": {**arch_kwargs, **recorded}}
     return model
+
+
+def _no_pretrained(name: str) -> dict[str, Any]:
+    """``{"pretrained": False}`` for a factory that takes ``pretrained`` (initial encoder weights),
+    else nothing: what rebuilding an architecture passes, so no weights file is read."""
+    try:
+        accepts = "pretrained" in inspect.signature(_MODELS[name]).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    return {"pretrained": False} if accepts else {}
 
 
 def check_sizes(name: str, kwargs: dict[str, Any]) -> None:
@@ -116,7 +131,11 @@ def model_from_config(config: dict[str, Any]) -> nn.Module:
     """Rebuild an (untrained) model from ``model_config(...)``, e.g. read from a bundle's JSON."""
     if not isinstance(config, dict) or "name" not in config:
         raise ConfigError("model config", "expected an object with 'name' and 'kwargs'")
-    return create_model(config["name"], **dict(config.get("kwargs") or {}))
+    _load_builtin()
+    name, kwargs = config["name"], dict(config.get("kwargs") or {})
+    if name in _MODELS:  # the weights come from the bundle: never (re)read an encoder's ImageNet file
+        kwargs.update(_no_pretrained(name))
+    return create_model(name, **kwargs)
 
 
 def fixed_parameter_names(model: nn.Module) -> set[str]:

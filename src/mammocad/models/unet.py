@@ -4,14 +4,25 @@ mammography comparisons.
 Hand-written (about 80 lines) because the library U-Nets do not fit: MONAI's ``BasicUNet`` has a
 fixed depth and ``UNet`` uses residual units and strided convolutions instead of the paper's
 double-conv + max-pool; segmentation_models_pytorch is not a dependency.
+
+``encoder="efficientnet_lite0"`` (or any ``backbones.list_backbones()`` name) gives the U-Net of
+segmentation_models_pytorch's ``Unet`` layout instead: the pretrained backbone's feature pyramid
+(strides 2..32) as the contracting path and a light decoder (``decoder_channels``, one double conv
+per x2 upsampling, skips at strides 16..2, the last block at full resolution without a skip).
+``encoder=None`` is exactly the paper's U-Net above (same class, same state dict keys).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mammocad.errors import ConfigError
+from mammocad.models.backbones import Pretrained
+from mammocad.models.encoders import EncoderModel, check_no_weights_without_encoder
 from mammocad.models.registry import check_input, kaiming_init, make_norm, register_model
 
 
@@ -93,6 +104,49 @@ class UNet(nn.Module):
         return self.head(y)
 
 
+class EncoderUNet(EncoderModel):
+    """U-Net on a pretrained backbone: decoder block ``i`` upsamples x2 (bilinear), concatenates the
+    encoder map of the same stride (none for the last block, at full resolution) and applies a
+    double conv to ``decoder_channels[i]`` channels. Lite0 with the default (256, 128, 64, 32, 16):
+    3.0 M encoder + 2.2 M decoder parameters. Only the decoder is He-initialised."""
+
+    model_name = "unet"
+
+    def __init__(self, encoder: str, pretrained: Pretrained = True, in_channels: int = 1, num_classes: int = 1,
+                 decoder_channels: list[int] | tuple[int, ...] = (256, 128, 64, 32, 16), norm: str = "batch",
+                 dropout: float = 0.0, normalization: dict[str, Any] | None = None):
+        super().__init__()
+        self.setup_encoder(encoder, pretrained, in_channels, num_classes, normalization)
+        channels = list(decoder_channels)
+        skips = self.encoder.out_channels[-2::-1]  # strides 16, 8, 4, 2
+        if len(channels) != len(skips) + 1 or any(not isinstance(c, int) or c < 1 for c in channels):
+            raise ConfigError("model unet", f"decoder_channels must be {len(skips) + 1} positive integers (strides "
+                                            f"16 .. 1), got {decoder_channels!r}")
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        c_in = self.encoder.out_channels[-1]
+        blocks = []
+        for c_out, c_skip in zip(channels, skips + [0]):
+            blocks.append(double_conv(c_in + c_skip, c_out, norm))
+            c_in = c_out
+        self.decoder = nn.ModuleList(blocks)
+        self.head = nn.Conv2d(channels[-1], num_classes, 1)
+        kaiming_init(self.decoder)
+        kaiming_init(self.head)
+
+    def decode(self, features: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
+        y = self.dropout(features[-1])
+        skips = features[-2::-1] + [None]
+        for block, skip in zip(self.decoder, skips):
+            y = F.interpolate(y, size=size if skip is None else skip.shape[-2:], mode="bilinear", align_corners=False)
+            y = block(y if skip is None else torch.cat([y, skip], dim=1))
+        return self.head(y)
+
+
 @register_model("unet")
-def unet(**kwargs) -> UNet:
-    return UNet(**kwargs)
+def unet(encoder: str | None = None, pretrained: Pretrained = True, **kwargs) -> nn.Module:
+    """The paper's U-Net, or with ``encoder`` a U-Net on that pretrained backbone (``pretrained``:
+    True = packaged ImageNet weights, False = random, a path = a local state dict; init only)."""
+    if encoder is None:
+        check_no_weights_without_encoder("unet", pretrained)
+        return UNet(**kwargs)
+    return EncoderUNet(encoder, pretrained=pretrained, **kwargs)
