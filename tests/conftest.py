@@ -21,3 +21,15 @@ def shared_path(*parts: str) -> Path:
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return shared_path()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors on a shared 2-core machine: with 2 intra-op threads every op waits on a thread
+    barrier (measured 15 ms vs 4.9 s for one dilation10 step), so model tests use one thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -34,12 +34,8 @@ COFFEE_CLASSES = {967, 968}  # espresso, cup
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small tensors on a shared 2-core machine: one intra-op thread avoids barrier waits."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """One intra-op thread for the whole module (conftest.one_torch_thread)."""
 
 
 def test_registry_lists_every_backbone():

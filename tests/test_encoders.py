@@ -22,11 +22,8 @@ SMALL_UNET = dict(encoder="efficientnet_lite0", decoder_channels=[32, 16, 16, 8,
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """One intra-op thread for the whole module (conftest.one_torch_thread)."""
 
 
 def test_shipped_unet_bundles_load_strictly_and_predict_as_before():

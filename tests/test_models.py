@@ -49,13 +49,8 @@ MIN_LOSS_DROP["deeplabv3[efficientnet_lite0]"] = 0.25
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These tensors are tiny: with 2 intra-op threads on a busy 2-core machine every op waits on
-    a thread barrier (measured 15 ms vs 4.9 s for one dilation10 step), so use one thread here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """One intra-op thread for the whole module (conftest.one_torch_thread)."""
 
 
 def blob_batch(num_classes: int, size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:

@@ -155,19 +155,9 @@ class FCN(nn.Module):
             nn.ReLU(inplace=True),
             nn.Dropout(dropout),
         )
-        self.score_fr = nn.Conv2d(fc_channels, num_classes, 1)
-        if variant <= 16:
-            self.score_pool4 = nn.Conv2d(c45, num_classes, 1)
-            self.upscore2 = ScoreUpsample(num_classes, 2, upsample, learnable_upsample)
-        if variant == 8:
-            self.score_pool3 = nn.Conv2d(c3, num_classes, 1)
-            self.upscore_pool4 = ScoreUpsample(num_classes, 2, upsample, learnable_upsample)
-        setattr(self, f"upscore{variant}", ScoreUpsample(num_classes, variant, upsample, learnable=False))
+        add_score_layers(self, variant, c3, c45, fc_channels, num_classes, upsample, learnable_upsample)
         kaiming_init(self)
-        for name in ("score_fr", "score_pool4", "score_pool3"):  # zero-initialised scoring, as Long et al.
-            if hasattr(self, name):
-                nn.init.zeros_(getattr(self, name).weight)
-                nn.init.zeros_(getattr(self, name).bias)
+        zero_scores(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_input(self, x)
