@@ -236,12 +236,10 @@ def evaluate(
     if (model is None) == (predictions is None):
         raise MammocadError("evaluate", "give exactly one of --model and --predictions")
     _check_run_options(device=device, autocast=autocast, out=out)
-    extra = {} if candidate_threshold is None else {"candidate_threshold": candidate_threshold}
-    if unknown_pathology is not None:
-        extra["unknown_pathology"] = unknown_pathology
     report = evaluate_prepared(model if model is not None else predictions, prepared_dir, split=split, fold=fold,
                                out_dir=out, splits_path=splits, device=device, autocast=autocast, n_boot=n_boot,
-                               source_kind="model" if model is not None else "predictions", hit=hit, **extra)
+                               source_kind="model" if model is not None else "predictions", hit=hit,
+                               candidate_threshold=candidate_threshold, unknown_pathology=unknown_pathology)
     print_headline(report)
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'metrics.md'}")
 

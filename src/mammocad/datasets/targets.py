@@ -11,7 +11,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from mammocad.datasets.rasterize import mask_to_box  # noqa: F401  (boxes of a target: re-exported)
 from mammocad.datasets.splits import SPLIT_NAMES
 from mammocad.errors import ConfigError, InputError
 

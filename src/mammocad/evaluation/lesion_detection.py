@@ -168,9 +168,10 @@ def _check_component(c: LesionComponent, shape: tuple[int, int], source: str) ->
 
 
 def component_hits(component: LesionComponent, lesion: np.ndarray, iou_threshold: float | None = DEFAULT_IOU_THRESHOLD,
-                   centroid: bool = True) -> bool:
+                   centroid: bool = True, lesion_area: int | None = None) -> bool:
     """The hit rule: IoU >= ``iou_threshold`` (None: not used), or (``centroid``) the centroid's pixel
-    is inside the lesion."""
+    is inside the lesion. ``lesion_area`` (its pixel count) spares a count over the whole image per
+    call when the caller matches many components against one lesion."""
     m = component.mask
     cmask = np.asarray(m.mask, dtype=bool)
     h, w = cmask.shape
@@ -185,7 +186,8 @@ def component_hits(component: LesionComponent, lesion: np.ndarray, iou_threshold
     if iou_threshold is None:
         return False
     inter = int(np.count_nonzero(lesion[m.y0:m.y0 + h, m.x0:m.x0 + w] & cmask))
-    union = rr.size + int(np.count_nonzero(lesion)) - inter
+    area = int(np.count_nonzero(lesion)) if lesion_area is None else int(lesion_area)
+    union = rr.size + area - inter
     return union > 0 and inter / union >= iou_threshold
 
 
@@ -193,12 +195,13 @@ def _match(components: Sequence[LesionComponent], lesions: list[np.ndarray], sha
            hit: HitRule) -> tuple[np.ndarray, np.ndarray]:
     """(best hit score per lesion, -inf when none; scores of components hitting no lesion)."""
     lesion_scores = np.full(len(lesions), -np.inf)
+    areas = [int(np.count_nonzero(m)) for m in lesions]  # once per lesion, not per (component, lesion)
     fp = []
     for c in components:
         _check_component(c, shape, source)
         hit_any = False
         for j, m in enumerate(lesions):
-            if component_hits(c, m, hit.iou, hit.centroid):
+            if component_hits(c, m, hit.iou, hit.centroid, areas[j]):
                 hit_any = True
                 lesion_scores[j] = max(lesion_scores[j], c.score)
         if not hit_any:

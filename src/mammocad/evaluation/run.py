@@ -132,6 +132,8 @@ def evaluate_prepared(source: Any, prepared_dir: str | Path, split: str = "val",
         raise ConfigError("--split", f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
     if source_kind not in SOURCE_KINDS:
         raise ConfigError("source_kind", f"must be one of {', '.join(SOURCE_KINDS)}, got {source_kind!r}")
+    if candidate_threshold is not None and not 0.0 < float(candidate_threshold) <= 1.0:
+        raise ConfigError("--candidate-threshold", f"must be a lesion probability in (0, 1], got {candidate_threshold}")
     hit_rule = HitRule.parse(hit)
     with contextlib.ExitStack() as stack:
         if out_dir is not None:  # a bad --out fails here, before a model is loaded or an image read
@@ -159,13 +161,7 @@ def _evaluate(source: Any, prepared_dir: str | Path, split: str, fold: int, *, s
     from mammocad.inference.predictor import Predictor
     from mammocad.io.images import read_image
 
-    if split not in SPLITS:
-        raise ConfigError("--split", f"unknown split {split!r}: expected one of {', '.join(SPLITS)}")
-    if candidate_threshold is not None and not 0.0 < float(candidate_threshold) <= 1.0:
-        raise ConfigError("--candidate-threshold", f"must be a lesion probability in (0, 1], got {candidate_threshold}")
-    ds = PreparedDataset(prepared_dir)
-    if source_kind not in SOURCE_KINDS:
-        raise ConfigError("source_kind", f"must be one of {', '.join(SOURCE_KINDS)}, got {source_kind!r}")
+    ds = PreparedDataset(prepared_dir)  # the arguments were checked by evaluate_prepared
     as_folder = isinstance(source, (str, Path)) and (source_kind == "predictions" or
                                                      (source_kind == "auto" and is_predictions_folder(source)))
     if source_kind == "model" and isinstance(source, (str, Path)) and is_predictions_folder(source):

@@ -47,7 +47,7 @@ from mammocad.errors import ConfigError, DicomError, InputError, MammocadError
 from mammocad.io.atomic import atomic_write_json
 from mammocad.io.discover import NonBreastModalityError, NotUsed, breast_modality, file_sha256, find_images, image_stem
 from mammocad.io.images import DEFAULT_MAX_PIXELS, read_image, write_png
-from mammocad.io.outdir import claim_output_dir
+from mammocad.io.outdir import check_output_dir, claim_output_dir
 
 DEFAULT_MODELS = {"MG": "mammo-lesion-seg", "US": "us-lesion-seg"}
 SUMMARY_FILE = "summary.json"
@@ -290,9 +290,7 @@ def predict_files(inputs: Sequence[str | Path], out_dir: str | Path, model: str 
             raise ConfigError("--modality", f"must be MG or US, got {modality!r}")
     if max_pixels is not None and max_pixels < 1:
         raise ConfigError("--max-pixels", f"must be at least 1, got {max_pixels}")
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(out_dir, "exists and is not a folder")
+    out_dir = check_output_dir(out_dir, create=False)  # before any model loads; created when claimed
     if load_predictor is None:
         from mammocad.inference.predictor import Predictor
 

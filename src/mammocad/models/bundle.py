@@ -109,15 +109,17 @@ def check_weights(weights: Path, card: ModelCard) -> None:
         raise InputError(weights, "weights do not match the card's weights_sha256 (a different or damaged file)")
 
 
-def load_bundle(name_or_dir: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, ModelCard]:
+def load_bundle(name_or_dir: str | Path, device: str | torch.device = "cpu",
+                card: ModelCard | None = None) -> tuple[nn.Module, ModelCard]:
     """``(model in eval mode, card)``; the card is validated and the weights' hash checked before the
     architecture is rebuilt from the card (with its size bounds); the weights come from
-    safetensors (strict: every tensor must match)."""
+    safetensors (strict: every tensor must match). ``card``: this bundle's card already read with
+    ``read_card`` (a caller that checks the card first need not parse and validate it twice)."""
     from safetensors import SafetensorError
     from safetensors.torch import load_model
 
     directory = resolve_bundle(name_or_dir)
-    card = read_card(directory)
+    card = read_card(directory) if card is None else card
     weights = directory / WEIGHTS_FILE
     if not weights.is_file():
         raise InputError(directory, f"not a model bundle: {WEIGHTS_FILE} is missing")

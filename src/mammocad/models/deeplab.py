@@ -106,15 +106,7 @@ class DeepLabV3(nn.Module):
         self.in_channels, self.num_classes, self.size_divisor = in_channels, num_classes, output_stride
         self.backbone = ResNet18Trunk(in_channels, base_width, output_stride)
         rates = list(atrous_rates or ([6, 12, 18] if output_stride == 16 else [12, 24, 36]))
-        aspp = batchnorm_to_groupnorm(ASPP(self.backbone.out_channels, rates, aspp_channels))
-        aspp.project[-1].p = dropout
-        self.head = nn.Sequential(
-            aspp,
-            nn.Conv2d(aspp_channels, aspp_channels, 3, padding=1, bias=False),
-            group_norm(aspp_channels),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(aspp_channels, num_classes, 1),
-        )
+        self.head = aspp_head(self.backbone.out_channels, num_classes, aspp_channels, rates, dropout)
         kaiming_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

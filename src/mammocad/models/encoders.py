@@ -27,6 +27,7 @@ from torch import nn
 
 from mammocad.errors import ConfigError
 from mammocad.models.backbones import Backbone, Pretrained, create_backbone
+from mammocad.models.registry import check_input
 
 
 class InputNormalization(nn.Module):
@@ -75,11 +76,6 @@ def check_no_weights_without_encoder(model: str, pretrained: Pretrained) -> None
                                             "efficientnet_lite0)")
 
 
-def check_channels(model: nn.Module, x: torch.Tensor, name: str) -> None:
-    if x.ndim != 4 or x.shape[1] != model.in_channels:
-        raise ConfigError(f"model {name}", f"expected input (N, {model.in_channels}, H, W), got {tuple(x.shape)}")
-
-
 class EncoderModel(nn.Module):
     """Base of the encoder variants: normalise, pad to the encoder stride, run the encoder; the
     subclass decodes ``features`` (strides 2..32, or the ``out_indices`` it asked for) and the
@@ -103,7 +99,7 @@ class EncoderModel(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_channels(self, x, self.model_name)
+        check_input(self, x)  # size_divisor 1: any size, the padding below handles the stride
         h, w = x.shape[-2:]
         padded = pad_to_multiple(self.normalize(x), self.encoder_stride)
         logits = self.decode(self.encoder(padded), tuple(padded.shape[-2:]))

@@ -132,7 +132,7 @@ def find_lesions(probs: np.ndarray, breast_mask: np.ndarray | None, settings: In
     found = probability_to_lesions(probs, threshold=s.threshold, min_area=s.min_area, class_names=channel_names,
                                    breast_mask=breast_mask)
     if s.max_lesions is not None:
-        found = sorted(found, key=lambda c: -c.score)[:s.max_lesions]
+        found = found[:s.max_lesions]  # probability_to_lesions sorts by score, highest first
     return found
 
 
