@@ -42,6 +42,7 @@ LAYERS = {
     "mammocad.training": 5, "mammocad.inference": 5,
     # 6: evaluation runs: a model or a predictions folder against a prepared split
     "mammocad.evaluation.run": 6, "mammocad.evaluation.predictions": 6,
+    "mammocad.evaluation.cv": 6,  # trains (level 5) and scores (evaluation.run) each fold
     # 7: the front ends
     "mammocad.demo": 7, "mammocad.cli": 7, "mammocad.serve": 7,
 }

@@ -111,14 +111,15 @@ def split(
                                                    "splits (they leak; dropped by default)"),
     official_folds: Optional[str] = typer.Option(None, help="test = each of the source's own patient-grouped folds "
                                                             "(BUS-BRA: cv5, cv10); val = --val of the other patients"),
+    cv: bool = typer.Option(False, "--cv", help="with --folds k: cross-validation folds; test = each fold in turn, "
+                                                "val = --val of the other patients (what `mammocad cv` runs)"),
     out: Optional[Path] = typer.Option(None, help="output file (default PREPARED_DIR/splits.json)"),
 ) -> None:
     """Write a patient-grouped, label-stratified, seeded split (splits.json)."""
     from mammocad.datasets.splits import make_splits
 
     result = make_splits(prepared_dir, val=val, test=test, folds=folds, seed=seed, official=official,
-                         keep_crossing=keep_crossing, out=out,
-                         official_folds=official_folds)
+                         keep_crossing=keep_crossing, out=out, official_folds=official_folds, cv=cv)
     result.print_summary()
 
 
@@ -177,6 +178,36 @@ def train(
 
     with claim_output_dir(run_dir, "train"):  # a second training run into the same folder is refused
         run_training(cfg, run_dir, resume=resume, device=device)
+
+
+@app.command()
+def cv(
+    config: Path = typer.Argument(..., help="training config (YAML): the recipe to cross-validate"),
+    out: Path = typer.Option(..., "--out", help="cross-validation folder: splits.json, fold<i>/, cv.json, cv.md"),
+    folds: int = typer.Option(5, min=2, help="k, when the folds are made here (no --splits, no data.splits in the config)"),
+    fold: Optional[list[int]] = typer.Option(None, help="run only this fold (repeatable): folds as separate processes"),
+    splits: Optional[Path] = typer.Option(None, help="a cross-validation splits file (`split --folds k --cv`, or "
+                                                     "--official-folds); default: the config's data.splits, else made here"),
+    seed: int = typer.Option(0, help="seed of the folds made here"),
+    val: float = typer.Option(0.15, help="validation carve of each fold's TRAINING patients (early stopping)"),
+    external: Optional[list[Path]] = typer.Option(None, help="a prepared dataset of another source, scored whole by "
+                                                             "every fold's model (repeatable)"),
+    hit: str = typer.Option("iou0.1+centroid", help="detection hit rule (see evaluate --hit)"),
+    n_boot: int = typer.Option(1000, min=0, help="bootstrap resamples of each fold's CIs"),
+    device: str = typer.Option("auto", help="cpu | cuda | auto"),
+) -> None:
+    """Patient-grouped k-fold cross-validation of a training config: train each fold, score its held-out
+    patients (and --external datasets), write cv.json + cv.md (mean and 95% CI over folds). Resumable."""
+    from mammocad.evaluation.cv import run_cv, table_markdown
+
+    _check_run_options(device=device, out=out)
+    result = run_cv(config, out, folds=folds, only=fold, splits=splits, seed=seed, val=val, external=external or [],
+                    hit=hit, n_boot=n_boot, device=device)
+    if result.table is None:
+        typer.echo(f"folds scored: {result.done} of {result.n_folds}; the table is written when every fold is scored")
+        return
+    typer.echo(table_markdown(result.table))
+    typer.echo(f"wrote {out / 'cv.json'} and {out / 'cv.md'}")
 
 
 @app.command()

@@ -3,7 +3,7 @@
 ``splits.json`` follows nnU-Net v2's ``splits_final.json`` (a list of folds with case ids) but is
 grouped by PATIENT, always::
 
-    {"version": 1, "seed": 0, "method": "fractions" | "kfold" | "official" | "official_folds",
+    {"version": 1, "seed": 0, "method": "fractions" | "kfold" | "official" | "official_folds" | "cv",
      "group_by": "patient", "stratify_by": "label",
      "parameters": {"val": .., "test": .., "folds": .., "official": .., "keep_crossing": .., "official_folds": ..},
      "folds": [{"train": [case ids], "val": [...], "test": [...]}, ...],
@@ -16,7 +16,8 @@ patients are cut into k folds (val = fold k); every entry lists the same test se
 ``official_folds`` the source's own patient-grouped folds (BUS-BRA's ``cv5``/``cv10``, read from
 ``case.attributes["<name>_fold"]``) are the folds: entry i tests the source's i-th fold
 (``official_fold_numbers[i]``), so every image is tested exactly once, and its val is a fraction of
-the other patients. A patient's label is the worst label of its images
+the other patients. ``cv`` makes the same structure from k seeded folds of all the patients
+(cross-validation: every image tested once; ``mammocad cv``). A patient's label is the worst label of its images
 (malignant > benign > unknown > normal) and the split is made on the list of patients with
 scikit-learn (``train_test_split(stratify=...)``, ``StratifiedKFold``): one row per patient makes
 grouping exact and stratifies by the patient label, which ``StratifiedGroupKFold`` only
@@ -151,7 +152,7 @@ class SplitResult:
 
 def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15, folds: int = 0, seed: int = 0,
                 official: bool = False, keep_crossing: bool = False, out: str | Path | None = None,
-                official_folds: str | None = None) -> SplitResult:
+                official_folds: str | None = None, cv: bool = False) -> SplitResult:
     """Write splits.json (default ``prepared_dir/splits.json``, atomically) and return it.
 
     ``official``: keep the source's own train/test (``Case.split``); val is ``val`` of the official
@@ -163,6 +164,11 @@ def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15,
     ``official_folds`` (e.g. ``"cv5"``): one entry per fold of the source's own patient-grouped
     cross-validation (``official_fold_patients``), test = that fold, val = ``val`` of the other
     patients (stratified, seeded), train = the rest; ``test`` and ``folds`` do not apply.
+
+    ``cv`` (with ``folds`` = k): the same structure on k stratified folds of ALL patients: entry i
+    tests fold i, val = ``val`` of the other patients (for early stopping and checkpoint choice,
+    inside the training folds), train = the rest. Every case is tested exactly once, by the model of
+    the one entry that never saw its patient: what ``mammocad cv`` runs.
     """
     from mammocad.io.atomic import atomic_write_json
 
@@ -180,6 +186,8 @@ def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15,
         raise ConfigError("--official-folds", "cannot be combined with --official (the source's own train/test)")
     if official_folds is not None and folds:
         raise ConfigError("--folds", "the official folds set the number of folds; leave --folds at 0 with --official-folds")
+    if cv and (official or official_folds is not None or not folds):
+        raise ConfigError("--cv", "needs --folds k (at least 2) and neither --official nor --official-folds")
     notes: list[str] = []
     dropped: dict[str, Any] = {"patients": [], "reason": None}
     crossing: list[str] = []
@@ -211,14 +219,16 @@ def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15,
 
     fold_numbers: list[int] = []
     fold_list: list[dict[str, list[str]]] = []
-    if official_folds is not None:
-        for number, test_pats in official_fold_patients(pool, official_folds, ds.root).items():
+    if official_folds is not None or cv:
+        test_folds = (official_fold_patients(pool, official_folds, ds.root) if official_folds is not None else
+                      dict(enumerate(_kfold(patients, labels, folds, seed, notes, ds.root))))
+        for number, test_pats in test_folds.items():
             rest = sorted(set(patients) - set(test_pats))
             train_pats, val_pats = _carve(rest, [plabels[p] for p in rest], val, seed, "val", notes, ds.root)
             fold_list.append({"train": ids(train_pats), "val": ids(val_pats), "test": ids(test_pats)})
             fold_numbers.append(number)
         notes = list(dict.fromkeys(notes))  # one note, not one per fold
-        method = "official_folds"
+        method = "official_folds" if official_folds is not None else "cv"
     elif folds:
         if not official:  # the held-out test patients first, then k folds over the rest
             patients, test_pats = _carve(patients, labels, test, seed, "test", notes, ds.root)
@@ -238,8 +248,9 @@ def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15,
     by_id = {c.case_id: c for c in cases}
     data = {
         "version": 1, "seed": seed, "method": method, "group_by": "patient", "stratify_by": "label",
-        "parameters": {"val": None if folds else val, "test": None if official or official_folds else test, "folds": folds,
-                       "official": official, "keep_crossing": keep_crossing, "official_folds": official_folds},
+        "parameters": {"val": None if folds and not cv else val, "test": None if official or official_folds else test, "folds": folds,
+                       "official": official, "keep_crossing": keep_crossing, "official_folds": official_folds,
+                       **({"cv": True} if cv else {})},
         "folds": fold_list, "dropped": dropped, "crossing_patients": crossing,
         "counts": [_counts(f, by_id) for f in fold_list], "notes": notes,
     }
