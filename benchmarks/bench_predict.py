@@ -58,7 +58,7 @@ def worker(args: argparse.Namespace) -> None:
         t2 = time.perf_counter()
         write_outputs(out, "mammo", img, result)
         t3 = time.perf_counter()
-        probs = predictor.probabilities(pre.pixels, pre.breast_mask)
+        probs = predictor.infer(pre.pixels, pre.breast_mask)
         predictor.lesions(probs, pre.breast_mask)
         t4 = time.perf_counter()
         t_read.append(t1 - t0), t_pred.append(t2 - t1), t_write.append(t3 - t2), t_prepared.append(t4 - t3)

@@ -63,20 +63,21 @@ def test_a_card_without_a_task_is_refused_with_the_fix(tmp_path):
 
 
 def test_predict_and_evaluate_refuse_a_model_of_another_task(tmp_path):
-    """A detection card must not run as segmentation: refused by name, before any weights are read."""
+    """A classification card must not run as a lesion model: refused by name, before any weights are read."""
     from mammocad.tasks import get_task
 
-    bundle = tiny_bundle(tmp_path / "det", name="lesion-detector")
-    edit_card(bundle, lambda c: c.update(task="detect"))
+    bundle = tiny_bundle(tmp_path / "cls", name="lesion-classifier")
+    edit_card(bundle, lambda c: c.update(task="classify"))
     (bundle / WEIGHTS_FILE).write_bytes(b"never read")
     with pytest.raises(ConfigError) as err:
         Predictor(bundle, device="cpu")
-    assert str(err.value) == f"{bundle}: model lesion-detector is a detect model; this command runs segment models"
+    assert str(err.value) == (f"{bundle}: model lesion-classifier is a classify model; this command runs segment "
+                              "and detect models")
     model = create_model("unet", num_classes=1, base_channels=4, depth=2)
-    with pytest.raises(ConfigError, match="is a classify model; this command runs segment models"):
+    with pytest.raises(ConfigError, match="is a classify model; this command runs segment and detect models"):
         Predictor((model, card(task="classify", architecture=model.mammocad_config)), device="cpu")
-    with pytest.raises(ConfigError, match="task 'detect' is not available in this mammocad; known: segment"):
-        get_task("detect")
+    with pytest.raises(ConfigError, match="task 'classify' is not available in this mammocad; known: detect, segment"):
+        get_task("classify")
 
 
 def test_card_mistakes_are_one_line_errors_naming_the_key(tmp_path):
@@ -122,6 +123,7 @@ def test_sizes_are_bounded_before_anything_is_built(tmp_path, monkeypatch):
     """``base_channels: 4096`` took 23.5 GB before it was killed, ``long_side: 30000`` minutes: refused
     at once, the model only ever built on the meta device (no memory)."""
     built_on = []
+    registry.list_models()  # registers the built-in models (lazily imported), whatever ran before
     unet = registry._MODELS["unet"]
 
     def spy(**kwargs):
@@ -186,12 +188,12 @@ def test_threads_share_a_predictor_and_get_the_serial_results(tmp_path):
         predictor = Predictor(bundle, device="cpu", autocast="fp32", num_threads=1)  # a process setting, set once
         configured = torch.get_num_threads()
         assert configured == 1
-        serial = [predictor.probabilities(img, None) for img in images]
+        serial = [predictor.infer(img, None) for img in images]
         serial_lesions = [[les.to_dict() for les in predictor.predict_image(p).prediction.lesions] for p in pngs]
 
         def one(i: int) -> tuple[np.ndarray, list[dict]]:
             j = i % len(images)
-            return predictor.probabilities(images[j], None), [les.to_dict() for les in
+            return predictor.infer(images[j], None), [les.to_dict() for les in
                                                               predictor.predict_image(pngs[j]).prediction.lesions]
 
         with ThreadPoolExecutor(max_workers=6) as pool:
@@ -203,3 +205,25 @@ def test_threads_share_a_predictor_and_get_the_serial_results(tmp_path):
         assert predictor.model.inc[0].weight.is_contiguous(memory_format=torch.channels_last)  # converted once
     finally:
         torch.set_num_threads(outside)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_weights_halve_the_file_and_keep_the_outputs(tmp_path, dtype):
+    """Shipped bundles store fp16/bf16 weights; they load back into the fp32 model (cast by
+    load_state_dict) and change its probabilities by less than the rounding allows."""
+    torch.manual_seed(0)
+    model = create_model("unet", num_classes=1, base_channels=8, depth=3, norm="batch").eval()
+    full = save_bundle(tmp_path / "fp32", model, card())
+    half = save_bundle(tmp_path / dtype, model, card(), weights_dtype=dtype)
+    assert (half / WEIGHTS_FILE).stat().st_size < 0.55 * (full / WEIGHTS_FILE).stat().st_size
+    assert read_card(half).model_extra["weights_dtype"] == dtype
+    loaded, _ = load_bundle(half)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    x = torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        ref, got = torch.sigmoid(model(x)), torch.sigmoid(loaded(x))
+    bound = 5e-3 if dtype == "float16" else 3e-2  # bf16 keeps 8 mantissa bits, fp16 11
+    assert float((ref - got).abs().max()) < bound
+    assert float((ref - got).abs().max()) > 0  # the weights really were rounded
+    with pytest.raises(ConfigError, match="weights_dtype: must be one of"):
+        save_bundle(tmp_path / "bad", model, card(), weights_dtype="int8")

@@ -109,3 +109,16 @@ def test_cv_command_refuses_a_split_that_is_not_a_cross_validation(workdir):
                               "--splits", str(workdir / "prepared" / "splits.json")])
     assert res.exit_code != 0
     assert "not a cross-validation" in str(res.exception or res.output)
+
+
+def test_train_overrides_splits_and_fold(workdir, tmp_path):
+    """The final model of a cross-validated recipe trains on a train/val split of every patient:
+    ``train --splits FILE --fold N`` replaces the config's ``data.splits`` and ``data.fold``."""
+    from mammocad.training.config import load_config, with_overrides
+
+    cfg = load_config(write_config(workdir, "final.yaml"))
+    other = make_splits(workdir / "prepared", val=0.25, test=0.0, seed=2, out=tmp_path / "final.json")
+    out = with_overrides(cfg, splits=other.path, fold=0)
+    assert out.data.splits == other.path.resolve() and out.data.fold == 0 and cfg.data.splits is None
+    with pytest.raises(ConfigError, match="--fold: must be >= 0"):
+        with_overrides(cfg, fold=-1)

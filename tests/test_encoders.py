@@ -88,7 +88,7 @@ def test_bundle_of_a_pretrained_encoder_model_loads_without_the_weights_file(tmp
     from mammocad.inference.predictor import Predictor
 
     pixels = torch.rand(96, 70, generator=torch.Generator().manual_seed(2)).numpy()
-    probs = Predictor(directory, device="cpu").probabilities(pixels, None)
+    probs = Predictor(directory, device="cpu").infer(pixels, None)
     assert probs.shape == (1, 96, 70) and ((probs >= 0) & (probs <= 1)).all()
     with pytest.raises(AssertionError, match="ImageNet weights file was read"):  # the patch does bite
         create_model("unet", **SMALL_UNET)

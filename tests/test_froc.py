@@ -313,9 +313,23 @@ def test_the_hit_rule_reaches_the_written_report(data, tmp_path):
     assert "Hit rule: **iou0.5**" in (tmp_path / "e" / "metrics.md").read_text()
     import cv2 as _cv2
 
-    png = _cv2.imread(str(tmp_path / "e" / "froc.png"))  # the FROC figure is written beside the metrics
-    assert png is not None and png.shape[0] > 200 and png.shape[1] > 300
+    for name in ("froc.png", "pr.png"):  # the FROC and precision-recall figures are written beside the metrics
+        png = _cv2.imread(str(tmp_path / "e" / name))
+        assert png is not None and png.shape[0] > 200 and png.shape[1] > 300, name
     result = CliRunner().invoke(app, ["evaluate", str(data["prepared"]), "--predictions", str(data["preds"]),
                                       "--split", "all", "--hit", "centre", "--out", str(tmp_path / "f")])
     assert result.exit_code == 1 and "unknown hit rule 'centre'" in str(result.exception)
     assert not (tmp_path / "f").exists()
+
+
+def test_precision_recall_points_follow_the_froc_decisions():
+    """recall = sensitivity, precision = lesions found / (found + false-positive components), point by point."""
+    from types import SimpleNamespace
+
+    from mammocad.evaluation.lesion_detection import FrocPoint
+    from mammocad.evaluation.report import pr_points
+
+    froc = [FrocPoint(threshold=0.9, fp_per_image=0.0, sensitivity=0.25, n_detected=1, n_false_positives=0),
+            FrocPoint(threshold=0.5, fp_per_image=0.5, sensitivity=0.75, n_detected=3, n_false_positives=1),
+            FrocPoint(threshold=0.1, fp_per_image=2.0, sensitivity=1.0, n_detected=4, n_false_positives=4)]
+    assert pr_points(SimpleNamespace(froc=froc)) == [(0.25, 1.0, 0.9), (0.75, 0.75, 0.5), (1.0, 0.5, 0.1)]

@@ -270,7 +270,7 @@ def test_max_lesions_keeps_the_highest_scoring_components_and_tta_averages_flips
     img = np.full((128, 128), 0.2, np.float32)
     img[10:30, 10:30] = 0.9  # brighter blob: higher score
     img[80:100, 70:95] = 0.8
-    probs = plain.probabilities(img, None)
+    probs = plain.infer(img, None)
     assert len(plain.lesions(probs, None)) == 2
 
     bundle = pointwise_bundle(tmp_path / "top1", modality="US", long_side=128)
@@ -280,10 +280,10 @@ def test_max_lesions_keeps_the_highest_scoring_components_and_tta_averages_flips
     card["tiling"]["tta"] = ["hflip"]
     card_path.write_text(json.dumps(card))
     top1 = Predictor(bundle)
-    kept = top1.lesions(top1.probabilities(img, None), None)
+    kept = top1.lesions(top1.infer(img, None), None)
     assert len(kept) == 1 and kept[0].box == (10, 10, 30, 30)
     # a pointwise model is mirror-symmetric: flip TTA must give the plain probabilities back
-    np.testing.assert_allclose(top1.probabilities(img, None), probs, atol=1e-6)
+    np.testing.assert_allclose(top1.infer(img, None), probs, atol=1e-6)
 
     card["tiling"]["tta"] = ["vflip"]
     card_path.write_text(json.dumps(card))

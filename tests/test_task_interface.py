@@ -37,15 +37,16 @@ def test_the_predictor_runs_its_tasks_inference_on_the_prepared_grid(tmp_path):
             return getattr(segment, name)(*args, **kwargs)
         return call
 
-    predictor.task = SimpleNamespace(**{n: spy(n) for n in ("grid_probabilities", "find_lesions", "find_candidates")})
+    names = ("infer", "find_lesions", "find_candidates", "max_score", "output_names")
+    predictor.task = SimpleNamespace(**{n: spy(n) for n in names})
     png = tmp_path / "us.png"
     cv2.imwrite(str(png), np.round(np.random.default_rng(0).random((96, 80)) * 255).astype(np.uint8))
     result = predictor.predict_image(png)
-    assert calls == ["grid_probabilities", "find_lesions", "find_candidates"]
+    assert calls == ["infer", "find_lesions", "find_candidates", "max_score"]
     assert "candidate_search" in result.prediction.attributes
     calls.clear()
     predictor.predict_image(png, candidate_threshold=None)  # no candidates asked: no search
-    assert calls == ["grid_probabilities", "find_lesions"]
+    assert calls == ["infer", "find_lesions", "max_score"]
 
 
 def test_removed_duplicates_stay_removed():

@@ -161,15 +161,17 @@ def train(
     resume: bool = typer.Option(False, help="continue from the run folder's checkpoint"),
     epochs: Optional[int] = typer.Option(None, min=1, help="override the epochs (of every stage)"),
     max_minutes: Optional[float] = typer.Option(None, help="time budget: no epoch starts that would end past it"),
+    splits: Optional[Path] = typer.Option(None, help="override data.splits (a splits file of the prepared dataset)"),
+    fold: Optional[int] = typer.Option(None, min=0, help="override data.fold"),
     device: str = typer.Option("auto", help="cpu | cuda | auto"),
 ) -> None:
-    """Train a segmentation model; writes logs, checkpoints and a model bundle (OUT/bundle).
+    """Train a segmentation or detection model; writes logs, checkpoints and a model bundle (OUT/bundle).
     Multi-GPU / multi-node: launch the same command with torchrun."""
     from mammocad.training.config import load_config, with_overrides
     from mammocad.training.engine import train as run_training
 
     run_dir = out if out is not None else Path("runs") / config.stem
-    cfg = with_overrides(load_config(config), epochs=epochs, max_minutes=max_minutes)
+    cfg = with_overrides(load_config(config), epochs=epochs, max_minutes=max_minutes, splits=splits, fold=fold)
     _check_run_options(device=device, out=run_dir)
     if int(os.environ.get("RANK", "0")) != 0:  # under torchrun the first process holds the folder for all
         run_training(cfg, run_dir, resume=resume, device=device)

@@ -3,8 +3,8 @@
 The number a model card reports must come from images whose patients the model never saw, with
 every choice (checkpoint, early stopping, threshold, post-processing) made without them. Here:
 
-* the folds are a splits file whose entries each TEST one fold (``method`` "cv", made by
-  ``make_splits(cv=True)``, or "official_folds", e.g. BUS-BRA's own): the test sets partition the
+* the folds are a splits file whose entries each TEST one fold (``method`` "cv", made here by
+  ``make_splits(cv=True)`` unless given, or "official_folds", e.g. BUS-BRA's own): the test sets partition the
   cases, so every image is scored exactly once, by the model of the one fold that never saw its
   patient. Each entry's ``val`` is carved from the TRAINING patients: early stopping and the best
   checkpoint are chosen there (nested), and the bundle's threshold and post-processing come from
@@ -136,18 +136,21 @@ def _locked(path: Path) -> contextlib.AbstractContextManager[None]:
 
 
 def resolve_splits(cfg: Any, out: Path, splits: str | Path | None, folds: int, seed: int, val: float) -> Path:
-    """The splits file of the cross-validation: ``splits`` or the config's ``data.splits`` (must be
-    a cross-validation), else ``OUT/splits.json``, made once (``make_splits(cv=True)``) and reused."""
+    """The splits file of the cross-validation: ``splits`` (must be a cross-validation), else the
+    config's ``data.splits`` when it is one (BUS-BRA's official folds), else ``OUT/splits.json``, made
+    once (``make_splits(cv=True)``) and reused. A config's other splits (the final model's train/val
+    of all development patients) are not used here."""
     from mammocad.datasets.prepared import PreparedDataset
     from mammocad.datasets.splits import make_splits
 
-    given = splits if splits is not None else cfg.data.splits
     ds = PreparedDataset(cfg.data.prepared)
     ids = [pc.case_id for pc in ds.cases]
-    if given is not None:
-        path = Path(given)
-        check_cv_splits(ds.load_splits(path), ids, path)
-        return path.resolve()
+    if splits is not None:
+        check_cv_splits(ds.load_splits(splits), ids, splits)
+        return Path(splits).resolve()
+    if cfg.data.splits is not None and ds.load_splits(cfg.data.splits).get("method") in CV_METHODS:
+        check_cv_splits(ds.load_splits(cfg.data.splits), ids, cfg.data.splits)
+        return Path(cfg.data.splits).resolve()
     path = out / SPLITS_NAME
     with _locked(out / ".cv.lock"):
         if not path.is_file():

@@ -1,6 +1,7 @@
 """Write an evaluation report as ``metrics.json`` (everything, machine-readable), ``metrics.md``
 (the headline numbers with CIs, the counts, and the rules that define them) and, when it scores
-detection, ``froc.png`` (the FROC curve with the model's operating point marked)."""
+detection, ``froc.png`` (the FROC curve with the model's operating point marked) and ``pr.png`` (the
+lesion-level precision-recall curve of the same decisions)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from mammocad.evaluation.lesion_detection import DetectionReport
 from mammocad.evaluation.segmentation import SegmentationReport
 from mammocad.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
-JSON_NAME, MARKDOWN_NAME, FROC_PNG = "metrics.json", "metrics.md", "froc.png"
+JSON_NAME, MARKDOWN_NAME, FROC_PNG, PR_PNG = "metrics.json", "metrics.md", "froc.png", "pr.png"
 
 _HEADLINE_NAMES = {
     "dice_lesion_images_mean": "Dice, lesion images, mean",
@@ -168,7 +169,62 @@ def write_report(report: SegmentationReport | DetectionReport, out_dir: str | Pa
     det = report if isinstance(report, DetectionReport) else report.detection
     if det is not None and det.n_lesions:
         atomic_write_bytes(out / FROC_PNG, froc_png(det))
+        atomic_write_bytes(out / PR_PNG, pr_png(det))
     return json_path, md_path
+
+
+def pr_points(det: DetectionReport) -> list[tuple[float, float, float]]:
+    """(recall, precision, threshold) along the FROC curve: recall = lesion sensitivity, precision =
+    lesions found / (lesions found + false-positive components), the same hits (one per lesion) as the
+    FROC curve, so both plots describe one set of decisions."""
+    out = []
+    for p in det.froc:
+        found, fp = p.n_detected, p.n_false_positives
+        if found + fp:
+            out.append((p.sensitivity, found / (found + fp), p.threshold))
+    return out
+
+
+def _png(fig) -> bytes:
+    import io
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4.5), dpi=100)
+    FigureCanvasAgg(fig)  # matplotlib's object API on the Agg canvas: no global backend is touched
+    return fig
+
+
+def pr_png(det: DetectionReport) -> bytes:
+    """PNG of the lesion-level precision-recall curve (``pr_points``), with the COCO AP of the same
+    components in the title when it was computed."""
+    fig = _figure()
+    ax = fig.add_subplot(1, 1, 1)
+    pts = pr_points(det)
+    ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", label="candidates, score threshold lowered")
+    op = det.model_operating_point
+    if op is not None and op.get("sensitivity") is not None and (op["n_detected"] + op["n_false_positives"]):
+        ax.plot([op["sensitivity"]], [op["n_detected"] / (op["n_detected"] + op["n_false_positives"])], "r*",
+                markersize=12, label="model operating point")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel("recall (lesion sensitivity)")
+    ax.set_ylabel("precision (lesions found / (found + FP components))")
+    coco = det.coco or {}
+    ap = "".join(f", {kind} AP {(coco.get(kind) or {}).get('AP'):.3f}" for kind in ("box", "mask")
+                 if (coco.get(kind) or {}).get("AP") is not None)
+    ax.set_title(f"PR: {det.n_lesions} lesions, hit rule {det.hit_rule}{ap}", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower left", fontsize=8)
+    return _png(fig)
 
 
 def froc_png(det: DetectionReport) -> bytes:
@@ -176,13 +232,7 @@ def froc_png(det: DetectionReport) -> bytes:
     literature), the sensitivities at the standard rates, and the model's operating point: one marked
     point that need not lie on the curve (see the rules). matplotlib's object API on the Agg canvas:
     no global backend is touched."""
-    import io
-
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4.5), dpi=100)
-    FigureCanvasAgg(fig)
+    fig = _figure()
     ax = fig.add_subplot(1, 1, 1)
     xs = [p.fp_per_image for p in det.froc]
     ys = [p.sensitivity for p in det.froc]
@@ -202,7 +252,4 @@ def froc_png(det: DetectionReport) -> bytes:
     ax.set_title(f"FROC: {det.n_lesions} lesions, {det.n_images} images, hit rule {det.hit_rule}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
+    return _png(fig)

@@ -58,13 +58,6 @@ class BundleSettings(InferenceSettings):
                    overlap=tiling.overlap, mode=tiling.mode, batch_size=tiling.batch_size, tta=tuple(tiling.tta))
 
 
-def _output_channels(model: nn.Module, settings: BundleSettings) -> int:
-    n = getattr(model, "num_classes", None)
-    if n is None:
-        raise ConfigError(settings.name, "model has no num_classes attribute")
-    return int(n)
-
-
 class Predictor:
     """A bundle (name, folder, or an already loaded ``(model, card)``) ready to predict images.
 
@@ -74,7 +67,7 @@ class Predictor:
     A ``(model, card)`` pair is used in place: the model is moved and converted, not copied.
     """
 
-    TASK = "segment"  # what predict_image turns into lesions; other tasks get their own runner
+    TASKS = ("segment", "detect")  # tasks whose output is lesions (``mammocad.tasks``); classify gets its own runner
 
     def __init__(self, bundle: str | Path | tuple[nn.Module, dict[str, Any] | ModelCard],
                  device: str | torch.device | None = "auto", batch_size: int | None = None, autocast: str = "auto",
@@ -97,8 +90,9 @@ class Predictor:
         else:
             source = resolve_bundle(bundle)
             card = read_card(source)
-        if card.task != self.TASK:  # refused before any weights are read
-            raise ConfigError(source, f"model {card.name} is a {card.task} model; this command runs {self.TASK} models")
+        if card.task not in self.TASKS:  # refused before any weights are read
+            raise ConfigError(source, f"model {card.name} is a {card.task} model; this command runs "
+                                      f"{' and '.join(self.TASKS)} models")
         if model is None:
             model, card = load_bundle(source, device=self.device, card=card)
         self.model, self.card = model, card
@@ -109,7 +103,7 @@ class Predictor:
         if num_threads:
             torch.set_num_threads(int(num_threads))
         self.settings = BundleSettings.from_card(card)
-        self.channel_names = self.settings.channel_names(_output_channels(self.model, self.settings))
+        self.channel_names = self.task.output_names(self.model, self.settings)
         self.batch_size = int(batch_size or self.settings.batch_size)
         self.autocast, self.voi = autocast, voi
 
@@ -125,14 +119,15 @@ class Predictor:
     def modality(self) -> str:
         return self.settings.spec.modality
 
-    def probabilities(self, pixels: np.ndarray, breast_mask: np.ndarray | None) -> np.ndarray:
-        """(C, H, W) probabilities of a preprocessed image (the bundle's tiling, TTA and autocast)."""
-        return self.task.grid_probabilities(self.model, pixels, breast_mask, self.settings, batch_size=self.batch_size,
-                                            autocast=self.autocast, device=self.device)
+    def infer(self, pixels: np.ndarray, breast_mask: np.ndarray | None) -> Any:
+        """The task's raw output on a preprocessed image (the bundle's tiling, TTA and autocast):
+        segment: (C, H, W) probabilities; detect: merged instances (``tasks.detect.Detections``)."""
+        return self.task.infer(self.model, pixels, breast_mask, self.settings, batch_size=self.batch_size,
+                               autocast=self.autocast, device=self.device)
 
-    def lesions(self, probs: np.ndarray, breast_mask: np.ndarray | None) -> list[LesionComponent]:
-        """Lesion components on the grid of ``probs`` (the bundle's threshold, minimum area, max lesions)."""
-        return self.task.find_lesions(probs, breast_mask, self.settings, self.channel_names)
+    def lesions(self, raw: Any, breast_mask: np.ndarray | None) -> list[LesionComponent]:
+        """Lesion components of ``raw`` (the bundle's threshold, minimum area, max lesions)."""
+        return self.task.find_lesions(raw, breast_mask, self.settings, self.channel_names)
 
     def predict_image(self, image: str | Path | LoadedImage, laterality: str | None = None, *,
                       candidate_threshold: float | None = DEFAULT_CANDIDATE_THRESHOLD,
@@ -155,15 +150,14 @@ class Predictor:
         meta = image.meta
         spec = self.settings.spec
         pre = preprocess_image(image, spec, laterality=laterality or meta.get("laterality"))
-        probs = self.probabilities(pre.pixels, pre.breast_mask)
-        mapped = lesions_to_original(self.lesions(probs, pre.breast_mask), pre.geometry)
+        raw = self.infer(pre.pixels, pre.breast_mask)
+        mapped = lesions_to_original(self.lesions(raw, pre.breast_mask), pre.geometry)
         union = union_mask_original(mapped, image.shape)
         candidates, search = [], None
         if candidate_threshold is not None:
-            found, search = self.task.find_candidates(probs, pre.breast_mask, self.settings, self.channel_names,
+            found, search = self.task.find_candidates(raw, pre.breast_mask, self.settings, self.channel_names,
                                             candidate_threshold, max_candidates)
             candidates = lesions_to_original(found, pre.geometry)
-        lesion_prob = probs[0] if probs.shape[0] == 1 else 1.0 - probs[0]
         notes = list(pre.notes)
         image_modality = (meta.get("modality") or "").upper() or None
         if image_modality in ("MG", "US") and image_modality != spec.modality:
@@ -172,7 +166,7 @@ class Predictor:
             "modality": spec.modality, "image_modality": image_modality, "class_names": list(self.settings.class_names),
             "threshold": self.settings.threshold, "min_area_prepared_pixels": self.settings.min_area,
             "max_lesions": self.settings.max_lesions,
-            "max_lesion_probability": float(lesion_prob[pre.breast_mask].max()) if pre.breast_mask.any() else 0.0,
+            "max_lesion_probability": self.task.max_score(raw, pre.breast_mask),
             "preprocessing_notes": notes, "input_notes": list(meta.get("notes") or []),
             "laterality_tag": meta.get("laterality"), "laterality_from_pixels": pre.laterality_from_pixels,
             "view": meta.get("view"), "geometry": pre.geometry.to_dict(),

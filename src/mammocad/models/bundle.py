@@ -34,18 +34,31 @@ __all__ = ["BUNDLE_FORMAT", "BUNDLE_FORMAT_VERSION", "CARD_FILE", "WEIGHTS_FILE"
            "load_bundle", "read_card", "resolve_bundle", "save_bundle"]
 
 
-def save_bundle(directory: str | Path, model: nn.Module, card: dict[str, Any] | ModelCard) -> Path:
+WEIGHTS_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def save_bundle(directory: str | Path, model: nn.Module, card: dict[str, Any] | ModelCard,
+                weights_dtype: str = "float32") -> Path:
     """Write ``model``'s weights and ``card`` (+ its architecture and the weights' SHA-256) to
     ``directory``; returns it.
 
+    ``weights_dtype``: "float16" or "bfloat16" store the floating tensors at half the size (shipped
+    bundles: the repository holds them); ``load_bundle`` casts them back into the fp32 model, so
+    inference runs in fp32 on rounded weights (``card["weights_dtype"]`` says so; the tests bound
+    what the rounding changes). Integer buffers are kept as they are.
+
     The card is validated first (an invalid card is never written); both files are written
     atomically, the card last, so a card always describes complete weights."""
+    import copy
+
     from safetensors.torch import save_model
 
+    if weights_dtype not in WEIGHTS_DTYPES:
+        raise ConfigError("weights_dtype", f"must be one of {', '.join(WEIGHTS_DTYPES)}, got {weights_dtype!r}")
     directory = Path(directory)
     fields = card.to_json() if isinstance(card, ModelCard) else dict(card)
     full = {**fields, "format": BUNDLE_FORMAT, "format_version": BUNDLE_FORMAT_VERSION,
-            "architecture": model_config(model), "weights_sha256": "0" * 64}
+            "architecture": model_config(model), "weights_sha256": "0" * 64, "weights_dtype": weights_dtype}
     try:
         full = json_clean(full)
         json.dumps(full, allow_nan=False)
@@ -56,9 +69,10 @@ def save_bundle(directory: str | Path, model: nn.Module, card: dict[str, Any] | 
     except InputError as err:
         raise ConfigError(err.source, err.cause) from None
     directory.mkdir(parents=True, exist_ok=True)
+    stored = model if weights_dtype == "float32" else copy.deepcopy(model).to(WEIGHTS_DTYPES[weights_dtype])
     with atomic_path(directory / WEIGHTS_FILE) as tmp:
         # save_model (not save_file) de-duplicates shared tensors, which save_file refuses.
-        save_model(model, str(tmp), metadata={"format": BUNDLE_FORMAT, "architecture": model_config(model)["name"]})
+        save_model(stored, str(tmp), metadata={"format": BUNDLE_FORMAT, "architecture": model_config(model)["name"]})
         full["weights_sha256"] = file_sha256(tmp)
     text = json.dumps(validate_card(full, directory / CARD_FILE).to_json(), indent=2, allow_nan=False) + "\n"
     atomic_write_text(directory / CARD_FILE, text)
@@ -128,7 +142,7 @@ def load_bundle(name_or_dir: str | Path, device: str | torch.device = "cpu",
         model = model_from_config(card.architecture.model_dump())
     except ConfigError as err:
         raise InputError(directory / CARD_FILE, f"architecture cannot be built: {err}") from None
-    try:
+    try:  # load_state_dict copies into the fp32 parameters: fp16/bf16 weights are cast back
         load_model(model, str(weights), strict=True, device=str(device))
     except (SafetensorError, OSError) as exc:
         raise InputError(weights, f"unreadable weights ({exc})") from None

@@ -49,7 +49,7 @@ class Thresholds(_Strict):
 class Tiling(_Strict):
     tile: int = Field(256, ge=1, le=MAX_TILE)
     overlap: float = Field(0.25, ge=0.0, lt=1.0)
-    mode: Literal["sliding", "four"] = "sliding"
+    mode: Literal["sliding", "four", "whole"] = "sliding"  # whole: detection only
     batch_size: int = Field(4, ge=1, le=MAX_BATCH)
     tta: list[Literal["hflip"]] = Field(default_factory=list)
 

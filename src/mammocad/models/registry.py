@@ -1,6 +1,13 @@
-"""Segmentation models by name, like timm's ``@register_model``, plus the contract they all keep.
+"""Models by name, like timm's ``@register_model``, each registered with its task, plus the
+contract the segmentation models keep.
 
-Contract of every registered model (checked by ``tests/test_models.py`` over ``list_models()``):
+``register_model(name, task)``: ``task`` is ``"segment"`` (the default) or e.g. ``"detect"``;
+``model_task(name)`` says which, ``list_models()`` lists the segmentation models (what the contract
+below and ``tests/test_models.py`` iterate), ``list_models(None)`` every model. A detection model
+(``maskrcnn``) keeps the config, size-bound and fixed-parameter rules below but not the logits
+contract: it takes images and returns torchvision's detections (see ``models/maskrcnn.py``).
+
+Contract of every registered segmentation model (checked by ``tests/test_models.py`` over ``list_models()``):
 
 - input ``(N, in_channels, H, W)`` float, output logits ``(N, num_classes, H, W)`` at the input
   resolution; ``num_classes == 1`` is a binary sigmoid logit, ``>= 2`` softmax logits;
@@ -37,6 +44,7 @@ from mammocad.errors import ConfigError, InputError
 
 ModelFactory = Callable[..., nn.Module]
 _MODELS: dict[str, ModelFactory] = {}
+_TASKS: dict[str, str] = {}  # model name -> its task ("segment", "detect")
 INIT_ONLY_KWARGS = ("init_from", "weights_path", "pretrained")  # change weights, not the architecture
 NORMS = ("batch", "group", "instance", "none")
 # Bounds on architecture arguments, by name: a card or config asking for more is a typo or an attack
@@ -50,11 +58,12 @@ SIZE_BOUNDS: tuple[tuple[str, float], ...] = (  # (name suffix, largest value); 
 )
 
 
-def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
+def register_model(name: str, task: str = "segment") -> Callable[[ModelFactory], ModelFactory]:
     def deco(fn: ModelFactory) -> ModelFactory:
         if name in _MODELS:
             raise ValueError(f"model {name!r} registered twice")
         _MODELS[name] = fn
+        _TASKS[name] = task
         return fn
 
     return deco
@@ -62,12 +71,21 @@ def register_model(name: str) -> Callable[[ModelFactory], ModelFactory]:
 
 def _load_builtin() -> None:
     # Importing the modules registers their factories; lazy so importing the registry is cheap.
-    from mammocad.models import baselines, deeplab, dilation, fcn, unet  # noqa: F401
+    from mammocad.models import baselines, deeplab, dilation, fcn, maskrcnn, unet  # noqa: F401
 
 
-def list_models() -> list[str]:
+def list_models(task: str | None = "segment") -> list[str]:
+    """Registered models of ``task`` (default: the segmentation models); ``None``: every model."""
     _load_builtin()
-    return sorted(_MODELS)
+    return sorted(n for n in _MODELS if task is None or _TASKS.get(n, "segment") == task)
+
+
+def model_task(name: str) -> str:
+    """The task model ``name`` was registered for ("segment", "detect")."""
+    _load_builtin()
+    if name not in _MODELS:
+        raise ConfigError(name, f"unknown model; known: {', '.join(sorted(_MODELS))}")
+    return _TASKS.get(name, "segment")
 
 
 def create_model(name: str, **kwargs: Any) -> nn.Module:

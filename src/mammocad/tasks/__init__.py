@@ -1,4 +1,4 @@
-"""Tasks by name: what a model does (``segment`` now; ``detect`` and ``classify`` next).
+"""Tasks by name: what a model does (``segment``, ``detect``; ``classify`` next).
 
 A task module supplies everything that depends on the kind of output, so that the training engine
 (epochs, stages, DDP, resume, early stopping) and the ``Predictor`` (read, preprocess, Geometry
@@ -6,10 +6,13 @@ inverse, ``Prediction``) stay the same for every task:
 
 - ``training(cfg, prepared, run, loss_fn)`` -> a ``TaskTraining``: the training dataset from a
   prepared split, its collate, the train step (-> loss dict), validation during and after training;
-- ``grid_probabilities(model, pixels, breast_mask, settings, ...)``: inference on the prepared grid
-  (``tasks.tiling``), and what it means: ``find_lesions(probs, breast_mask, settings, channel_names)``
-  (the bundle's output) and ``find_candidates(...)`` (what a FROC curve is drawn from), each a list
-  of ``records.LesionComponent`` that ``Predictor`` maps back to the original image.
+- ``model_outputs(cfg.data)``: the model's ``num_classes`` for a config's classes;
+- ``infer(model, pixels, breast_mask, settings, ...)``: the model's raw output on the prepared grid
+  (segment: tiled probabilities; detect: merged instances), and what it means:
+  ``find_lesions(raw, breast_mask, settings, output_names(model, settings))`` (the bundle's output)
+  and ``find_candidates(...)`` (what a FROC curve is drawn from), each a list of
+  ``records.LesionComponent`` that ``Predictor`` maps back to the original image;
+  ``max_score(raw, breast_mask)`` the image's highest lesion score.
 
 The model card's ``task`` and the training config's ``task`` pick the module (``get_task``). Task
 modules are imported when asked for, so importing this registry stays cheap.
@@ -28,7 +31,7 @@ from torch import nn
 
 from mammocad.errors import ConfigError
 
-_TASK_MODULES = {"segment": "mammocad.tasks.segment"}  # detect, classify: next
+_TASK_MODULES = {"segment": "mammocad.tasks.segment", "detect": "mammocad.tasks.detect"}  # classify: next
 
 
 @dataclass

@@ -108,6 +108,28 @@ def grid_probabilities(model: nn.Module, pixels: np.ndarray, breast_mask: np.nda
     return probs
 
 
+infer = grid_probabilities  # the task interface's name (``mammocad.tasks``)
+
+
+def model_outputs(data: Any) -> int:
+    """``num_classes`` of the model for a config's ``data`` (1 = one sigmoid channel)."""
+    return int(data.num_classes)
+
+
+def output_names(model: nn.Module, settings: InferenceSettings) -> tuple[str, ...]:
+    """Names of the model's output channels (``InferenceSettings.channel_names``)."""
+    n = getattr(model, "num_classes", None)
+    if n is None:
+        raise ConfigError(settings.name, "model has no num_classes attribute")
+    return settings.channel_names(int(n))
+
+
+def max_score(probs: np.ndarray, breast_mask: np.ndarray | None) -> float:
+    """The highest lesion probability inside the breast (0 without breast pixels)."""
+    lesion = probs[0] if probs.shape[0] == 1 else 1.0 - probs[0]
+    return float(lesion[breast_mask].max()) if breast_mask is not None and breast_mask.any() else 0.0
+
+
 def predict_label_map(model: nn.Module, pixels: np.ndarray, breast_mask: np.ndarray | None, settings: InferenceSettings,
                       *, autocast: str = "auto") -> tuple[np.ndarray, list[LesionComponent]]:
     """(uint8 label map over ``settings.class_names``, lesions) of a preprocessed image, exactly as a
@@ -163,6 +185,11 @@ def make_patch_val_loader(cfg: Any, samples: list[SegmentationSample], run: RunC
 
 
 def check_patch_size(cfg: Any, model: nn.Module) -> None:
+    if getattr(model, "task", NAME) != NAME:
+        raise ConfigError(cfg.source, f"model.name: {model.mammocad_config['name']} is a {model.task} model; "
+                                      "this config's task is segment")
+    if cfg.inference.mode == "whole":
+        raise ConfigError(cfg.source, "inference.mode: 'whole' is for detection; segmentation tiles (sliding, four)")
     d = int(getattr(model, "size_divisor", 1))
     if cfg.sampling.patch % d:
         raise ConfigError(cfg.source, f"sampling.patch: {cfg.sampling.patch} is not a multiple of the model's "

@@ -20,6 +20,7 @@ from torch import nn
 from mammocad.datasets.targets import IGNORE_INDEX
 from mammocad.errors import ConfigError
 from mammocad.sampling import item_seed
+from mammocad.tasks import get_task
 from mammocad.training.config import OptimConfig, StageConfig, TrainConfig, config_errors
 from mammocad.training.distributed import DistContext
 
@@ -122,7 +123,7 @@ def build_base_model(cfg: TrainConfig) -> nn.Module:
     """The configured architecture, optionally initialised from a bundle (``model.init_from``)."""
     from mammocad.models import create_model
 
-    kwargs = {**cfg.model.kwargs, "num_classes": cfg.data.num_classes}
+    kwargs = {**cfg.model.kwargs, "num_classes": get_task(cfg.task, cfg.source).model_outputs(cfg.data)}
     init = None
     if cfg.model.init_from is not None:
         from mammocad.models.bundle import load_bundle
@@ -150,7 +151,7 @@ def switch_model(cfg: TrainConfig, stage: StageConfig, previous: nn.Module) -> n
 
     if stage.model is None or stage.model == previous.mammocad_config["name"]:
         return previous
-    kwargs = {**cfg.model.kwargs, "num_classes": cfg.data.num_classes}
+    kwargs = {**cfg.model.kwargs, "num_classes": get_task(cfg.task, cfg.source).model_outputs(cfg.data)}
     with config_errors(cfg, f"train.stages.{stage.name}.model"):
         return create_model(stage.model, **kwargs, init_from=previous)
 

@@ -76,7 +76,7 @@ def build_card(cfg: TrainConfig, prepared: Any, *, report: Any, training: dict[s
         "task": cfg.task,
         "modality": prepared.spec.modality,
         "class_names": cfg.data.class_names,
-        "output": "sigmoid" if cfg.data.num_classes == 1 else "softmax",
+        "output": "instances" if cfg.task == "detect" else "sigmoid" if cfg.data.num_classes == 1 else "softmax",
         "preprocessing": prepared.spec.model_dump(mode="json"),
         "thresholds": {"probability": cfg.inference.threshold, "min_area": cfg.inference.min_area,
                        "max_lesions": cfg.inference.max_lesions},

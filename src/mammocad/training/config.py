@@ -138,7 +138,8 @@ class InferenceConfig(_Section):
     batch_size: int = Field(4, ge=1, le=MAX_BATCH)
     threshold: float = Field(0.5, gt=0.0, lt=1.0)  # binary models: lesion when probability >= threshold
     min_area: int = Field(0, ge=0)  # pixels; smaller predicted components are dropped by the postprocessing
-    mode: Literal["sliding", "four"] = "sliding"  # Gaussian-blended sliding window, or the papers' 4 quadrants
+    # Gaussian-blended sliding window, the papers' 4 quadrants, or (detection) the whole image in one pass
+    mode: Literal["sliding", "four", "whole"] = "sliding"
     # Keep only the k highest-scoring components per image (None = all). One lesion per frame is the
     # norm in breast ultrasound, where stray low-contrast blobs are the commonest false positive.
     max_lesions: PositiveInt | None = None
@@ -155,7 +156,7 @@ class BundleConfig(_Section):
 
 
 class TrainConfig(_Section):
-    task: Literal["segment"] = "segment"  # the task module (mammocad.tasks) that trains; recorded in the card
+    task: Literal["segment", "detect"] = "segment"  # the task module (mammocad.tasks) that trains; recorded in the card
     data: DataConfig
     model: ModelConfig
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -229,10 +230,19 @@ def load_config(path: str | Path) -> TrainConfig:
     return parse_config(data, source=path, base_dir=path.parent)
 
 
-def with_overrides(cfg: TrainConfig, epochs: int | None = None, max_minutes: float | None = None) -> TrainConfig:
-    """Command-line overrides: ``epochs`` sets every stage's epochs (or train.epochs)."""
+def with_overrides(cfg: TrainConfig, epochs: int | None = None, max_minutes: float | None = None,
+                   splits: str | Path | None = None, fold: int | None = None) -> TrainConfig:
+    """Command-line overrides: ``epochs`` sets every stage's epochs (or train.epochs); ``splits`` and
+    ``fold`` replace ``data.splits`` / ``data.fold`` (the final model of a cross-validated recipe
+    trains on a train/val split of every development patient)."""
     out = cfg.model_copy(deep=True)
     out._source = cfg._source
+    if splits is not None:
+        out.data.splits = Path(splits).resolve()
+    if fold is not None:
+        if fold < 0:
+            raise ConfigError("--fold", f"must be >= 0, got {fold}")
+        out.data.fold = fold
     if epochs is not None:
         if epochs < 1:
             raise ConfigError("--epochs", f"must be at least 1, got {epochs}")

@@ -57,7 +57,8 @@ class TrainingLog:
         self.write_csv()
         if self.writer is not None:
             step = int(row["epoch"])
-            for key in ("lr", "train_loss", "val_loss", "val_dice", "val_iou", "patches_per_s"):
+            extra = [k for k in row if k.startswith("val_") and k not in COLUMNS]
+            for key in ("lr", "train_loss", "val_loss", "val_dice", "val_iou", "patches_per_s", *extra):
                 value = _number(row.get(key))
                 if value is not None:
                     self.writer.add_scalar(key if key == "lr" else key.replace("_", "/", 1), value, step)
@@ -65,12 +66,19 @@ class TrainingLog:
         if time.monotonic() - self.last_curves >= self.curve_every_s:
             self.write_curves()
 
+    def columns(self) -> list[str]:
+        """COLUMNS, with the task's own validation metrics (detection: val_froc, ...) before best_val_dice."""
+        extra = list(dict.fromkeys(k for row in self.history for k in row if k not in COLUMNS))
+        at = COLUMNS.index("best_val_dice")
+        return COLUMNS[:at] + extra + COLUMNS[at:]
+
     def write_csv(self) -> None:
         buf = io.StringIO()
-        writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+        columns = self.columns()
+        writer = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore", lineterminator="\n")
         writer.writeheader()
         for row in self.history:
-            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in COLUMNS})
+            writer.writerow({k: ("" if row.get(k) is None else row[k]) for k in columns})
         atomic_write_text(self.out_dir / LOG_CSV, buf.getvalue())
 
     def write_curves(self) -> None:
