@@ -85,6 +85,7 @@ def test_cv_trains_and_scores_each_fold_once_then_resumes_without_work(workdir, 
     n_images = table["metrics"]["n_images"]
     assert n_images["folds"] == [len(f["test"]) for f in splits["folds"]]
     assert table["metrics"]["dice_all_images"]["n_folds"] >= 1
+    assert table["hit_rule"] == "iou0.1+centroid"
     assert table["splits"]["method"] == "cv" and table["external"]["prepared"]["metrics"]["n_images"]["mean"] == 8
     assert "| fold 0 | fold 1 | mean | SD | 95% CI |" in (out / "cv.md").read_text()
 

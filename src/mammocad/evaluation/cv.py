@@ -266,7 +266,7 @@ def write_table(cfg: Any, config: str | Path, out: Path, splits_path: Path, n: i
         "protocol": ("patient-grouped k-fold: every image scored once by the model of the fold that never saw its "
                      "patient; early stopping and checkpoint choice on a validation carve of the TRAINING patients; "
                      "threshold and post-processing fixed in the config beforehand"),
-        "hit_rule": (metrics[0].get("detection") or {}).get("rules"),
+        "hit_rule": (metrics[0].get("detection") or {}).get("hit_rule"),
         "metrics": fold_table(metrics),
         "training": training,
         "external": {},
