@@ -19,7 +19,8 @@ from pathlib import Path
 from mammocad.io.atomic import atomic_write_text
 from mammocad.io.discover import file_sha256
 from mammocad.models.bundle import load_bundle, save_bundle
-from mammocad.training.config import load_config
+from mammocad.training.card import inference_autocast
+from mammocad.training.config import load_config, parse_config, resume_key
 
 PACKAGE_BUNDLES = Path(__file__).resolve().parents[1] / "src" / "mammocad" / "bundles"
 
@@ -66,7 +67,7 @@ def model_card_markdown(card: dict) -> str:
         f"- Post-processing: {json.dumps(card['thresholds'])}; tiling {json.dumps(card['tiling'])}",
     ]
     if cv:
-        head = "| metric | mean over folds | 95% CI (t, folds) | per fold |"
+        head = "| metric | mean over folds | 95% t-interval over folds (their spread) | per fold |"
         lines += ["", f"## Cross-validation: the estimate for new patients ({cv['n_folds']} folds, patient-grouped)", "",
                   f"{cv['protocol']}. Folds: {cv['splits']['method']} (seed {cv['splits']['seed']}); "
                   f"hit rule {cv.get('hit_rule')}. Reproduce: `{cv.get('command', '')}`.", "",
@@ -121,12 +122,20 @@ def main() -> None:
     cfg = load_config(args.config)
     model, card_model = load_bundle(args.bundle)
     card = card_model.to_json()
+    trained, wanted = resume_key(parse_config(card["config"])), resume_key(cfg)
+    for key in ("data",):  # the final run trains on another split of the same data
+        trained.pop(key), wanted.pop(key)
+    if trained != wanted:
+        raise SystemExit(f"{args.bundle}: was not trained with the recipe of {args.config}")
+    card["tiling"]["autocast"] = inference_autocast(cfg)  # runs that started before cards recorded it
     cv = json.loads((args.cv / "cv.json").read_text())
     if cv.get("config_sha256") != file_sha256(args.config):
         raise SystemExit(f"{args.cv}: cross-validated another version of {args.config} (config sha256 differs)")
     cv["command"] = args.cv_command
     cv["config"] = str(args.config)
     cv["splits"]["path"] = Path(cv["splits"]["path"]).name
+    for ext in (cv.get("external") or {}).values():
+        ext["prepared"] = Path(ext["prepared"]).name
     card["cross_validation"] = cv
     card["validation_protocol"] = ("cross_validation: patient-grouped k-fold (`mammocad cv`), every development image "
                                    "scored once by the model of the fold that never saw its patient, checkpoint chosen "

@@ -227,3 +227,13 @@ def test_half_precision_weights_halve_the_file_and_keep_the_outputs(tmp_path, dt
     assert float((ref - got).abs().max()) > 0  # the weights really were rounded
     with pytest.raises(ConfigError, match="weights_dtype: must be one of"):
         save_bundle(tmp_path / "bad", model, card(), weights_dtype="int8")
+
+
+def test_auto_autocast_follows_the_card(tmp_path):
+    """A model trained and validated in fp32 (card ``tiling.autocast: fp32``) is not run in bf16 by
+    ``--autocast auto``; an explicit choice still wins."""
+    bundle = tiny_bundle(tmp_path / "b")
+    assert Predictor(bundle, device="cpu").autocast == "auto"  # cards without the key: as before
+    edit_card(bundle, lambda c: c["tiling"].update(autocast="fp32"))
+    assert Predictor(bundle, device="cpu").autocast == "fp32"
+    assert Predictor(bundle, device="cpu", autocast="bf16").autocast == "bf16"

@@ -87,7 +87,7 @@ def test_cv_trains_and_scores_each_fold_once_then_resumes_without_work(workdir, 
     assert table["metrics"]["dice_all_images"]["n_folds"] >= 1
     assert table["hit_rule"] == "iou0.1+centroid"
     assert table["splits"]["method"] == "cv" and table["external"]["prepared"]["metrics"]["n_images"]["mean"] == 8
-    assert "| fold 0 | fold 1 | mean | SD | 95% CI |" in (out / "cv.md").read_text()
+    assert "| fold 0 | fold 1 | mean | SD | 95% t-interval over folds |" in (out / "cv.md").read_text()
 
     # a finished cross-validation is not trained or scored again
     def refuse(*args, **kwargs):
@@ -97,6 +97,25 @@ def test_cv_trains_and_scores_each_fold_once_then_resumes_without_work(workdir, 
     monkeypatch.setattr("mammocad.evaluation.run.evaluate_prepared", refuse)
     again = run_cv(config, out, folds=2, seed=1, val=0.2, n_boot=10, external=[workdir / "prepared"], progress=False)
     assert again.table["metrics"]["n_images"] == n_images
+    assert again.table["scoring"]["autocast"] == "fp32"  # amp: none -> scored in fp32, as the bundle predicts
+    monkeypatch.undo()
+    # a fold retrained since it was scored (other weights) is scored again, the others are not
+    scored = out / "fold1" / "eval" / "scored.json"
+    scored.write_text(scored.read_text().replace('"weights_sha256": "', '"weights_sha256": "0'))
+    calls = []
+    import mammocad.evaluation.run as run_module
+
+    real = run_module.evaluate_prepared
+    monkeypatch.setattr(run_module, "evaluate_prepared", lambda *a, **k: calls.append(k.get("fold")) or real(*a, **k))
+    run_cv(config, out, folds=2, seed=1, val=0.2, n_boot=10, external=[workdir / "prepared"], progress=False)
+    assert calls == [1]
+    # every fold is the same recipe: a changed config is refused
+    changed = write_config(workdir, "cv.yaml", train={"epochs": 1, "patience": 5, "amp": "none", "threads": 1,
+                                                      "seed": 4, "final_n_boot": 0, "val_every": 0})
+    with pytest.raises(ConfigError, match="train: differs from the recipe this cross-validation ran"):
+        run_cv(changed, out, folds=2, seed=1, val=0.2, progress=False)
+    config = write_config(workdir, "cv.yaml", train={"epochs": 1, "patience": 5, "amp": "none", "threads": 1,
+                                                     "seed": 3, "final_n_boot": 0, "val_every": 0})
     with pytest.raises(ConfigError, match="this run asks for"):  # same folder, other folds: refused
         run_cv(config, out, folds=3, seed=1, val=0.2, progress=False)
     with pytest.raises(ConfigError, match="fold 5 does not exist"):

@@ -216,16 +216,23 @@ def test_learns_a_disc_per_image():
         assert dice > 0.6
 
 
-def test_fp16_storage_keeps_detections():
-    """A bundle stored in fp16 (half the file) and loaded back into fp32 detects the same."""
+def test_fp16_storage_keeps_detections(tmp_path):
+    """A bundle stored in fp16 (``save_bundle(weights_dtype="float16")``: half the file) and loaded
+    back into fp32 (``load_bundle``) detects the same."""
+    from mammocad.models.bundle import WEIGHTS_FILE, load_bundle, save_bundle
+    from mammocad.preprocess.pipeline import PreprocessSpec
+
     torch.manual_seed(0)
     model = create_model("maskrcnn", fpn_channels=32, box_head_width=64, box_score_thresh=0.0).eval()
-    half = create_model("maskrcnn", fpn_channels=32, box_head_width=64, box_score_thresh=0.0).eval()
-    half.load_state_dict({k: v.half().to(v.dtype) if v.is_floating_point() else v
-                          for k, v in model.state_dict().items()})
+    card = {"name": "det", "task": "detect", "class_names": ["background", "lesion"],
+            "preprocessing": PreprocessSpec(long_side=128).model_dump(mode="json"), "tiling": {"mode": "whole"}}
+    full = save_bundle(tmp_path / "fp32", model, card)
+    half = save_bundle(tmp_path / "fp16", model, card, weights_dtype="float16")
+    assert (half / WEIGHTS_FILE).stat().st_size < 0.55 * (full / WEIGHTS_FILE).stat().st_size
+    loaded, _ = load_bundle(half)
     images, _ = disc_images()
     with torch.no_grad():
-        for a, b in zip(model(images), half(images)):
+        for a, b in zip(model(images), loaded(images)):
             assert abs(a["scores"][0] - b["scores"][0]) < 1e-2
             assert (a["boxes"][0] - b["boxes"][0]).abs().max() < 1.0
 

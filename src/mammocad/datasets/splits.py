@@ -248,7 +248,7 @@ def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15,
     by_id = {c.case_id: c for c in cases}
     data = {
         "version": 1, "seed": seed, "method": method, "group_by": "patient", "stratify_by": "label",
-        "parameters": {"val": None if folds and not cv else val, "test": None if official or official_folds else test, "folds": folds,
+        "parameters": {"val": None if folds and not cv else val, "test": None if official or official_folds or cv else test, "folds": folds,
                        "official": official, "keep_crossing": keep_crossing, "official_folds": official_folds,
                        **({"cv": True} if cv else {})},
         "folds": fold_list, "dropped": dropped, "crossing_patients": crossing,

@@ -14,9 +14,13 @@ every choice (checkpoint, early stopping, threshold, post-processing) made witho
   ``evaluate_prepared`` on its test fold into ``DIR/fold<i>/eval`` (``metrics.json``); each
   ``--external`` prepared dataset (another source: the closest thing to a new hospital) is scored
   whole by every fold's model into ``DIR/fold<i>/external-<name>``;
+* the folds are scored as the bundle will predict (fp32 for a model trained without bf16: its card's
+  ``tiling.autocast``), and ``scored.json`` beside each ``metrics.json`` records which weights and
+  settings made it, so a retrained fold is scored again; ``recipe.json`` records the config the
+  first fold trained, and a changed config is refused (every fold must be the same recipe);
 * a fold whose bundle and metrics exist is skipped, an interrupted one resumes from its checkpoint,
-  and ``--fold i`` runs one fold, so folds can run as separate processes (each run folder is locked
-  by its own claim); whichever process finds every fold scored writes the table: ``DIR/cv.json``
+  and ``--fold i`` runs one fold, so folds can run as separate processes (a fold another process is
+  training is skipped and reported); whichever process finds every fold scored writes the table: ``DIR/cv.json``
   and ``DIR/cv.md``, each metric per fold with the mean, the standard deviation and a 95%
   t-interval over the folds.
 
@@ -25,9 +29,7 @@ It lives in the evaluation layer because it scores (it imports training, a lower
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import hashlib
+import logging
 import math
 import re
 from dataclasses import dataclass, field
@@ -36,8 +38,12 @@ from typing import Any, Iterator
 
 from mammocad.errors import ConfigError, InputError
 
+log = logging.getLogger(__name__)
+
 CV_METHODS = ("cv", "official_folds")  # splits whose entries each test one fold
-CV_FILE, CV_MARKDOWN, SPLITS_NAME = "cv.json", "cv.md", "splits.json"
+CV_FILE, CV_MARKDOWN, SPLITS_NAME, RECIPE_NAME = "cv.json", "cv.md", "splits.json", "recipe.json"
+SCORED_NAME = "scored.json"  # beside each metrics.json: which weights, how (a retrained fold is scored again)
+LOCK_NAME = ".cv.lock"
 DEFAULT_FOLDS = 5
 
 # (name in the table, path in metrics.json): what a lesion model is judged by
@@ -87,7 +93,7 @@ def summarize(values: list[float | None], confidence: float = 0.95) -> dict[str,
         sd = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
         half = stats.t.ppf(0.5 + confidence / 2, len(vals) - 1) * sd / math.sqrt(len(vals))
         out.update(sd=sd, ci={"low": mean - half, "high": mean + half, "confidence": confidence,
-                              "method": f"t-interval over {len(vals)} folds"})
+                              "method": f"t-interval over {len(vals)} fold figures (their spread)"})
     return out
 
 
@@ -123,18 +129,6 @@ def check_cv_splits(data: dict[str, Any], case_ids: list[str], source: str | Pat
                                   "the splits belong to another dataset or version")
 
 
-def _locked(path: Path) -> contextlib.AbstractContextManager[None]:
-    @contextlib.contextmanager
-    def lock() -> Iterator[None]:
-        with open(path, "a+") as fh:  # blocks: a second process waits for the first to finish the shared step
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
-    return lock()
-
-
 def resolve_splits(cfg: Any, out: Path, splits: str | Path | None, folds: int, seed: int, val: float) -> Path:
     """The splits file of the cross-validation: ``splits`` (must be a cross-validation), else the
     config's ``data.splits`` when it is one (BUS-BRA's official folds), else ``OUT/splits.json``, made
@@ -142,6 +136,7 @@ def resolve_splits(cfg: Any, out: Path, splits: str | Path | None, folds: int, s
     of all development patients) are not used here."""
     from mammocad.datasets.prepared import PreparedDataset
     from mammocad.datasets.splits import make_splits
+    from mammocad.io.outdir import locked_file
 
     ds = PreparedDataset(cfg.data.prepared)
     ids = [pc.case_id for pc in ds.cases]
@@ -152,7 +147,7 @@ def resolve_splits(cfg: Any, out: Path, splits: str | Path | None, folds: int, s
         check_cv_splits(ds.load_splits(cfg.data.splits), ids, cfg.data.splits)
         return Path(cfg.data.splits).resolve()
     path = out / SPLITS_NAME
-    with _locked(out / ".cv.lock"):
+    with locked_file(out / LOCK_NAME):
         if not path.is_file():
             make_splits(cfg.data.prepared, val=val, test=0.0, folds=folds, seed=seed, out=path, cv=True)
         data = ds.load_splits(path)
@@ -164,13 +159,6 @@ def resolve_splits(cfg: Any, out: Path, splits: str | Path | None, folds: int, s
     return path.resolve()
 
 
-def fold_config(cfg: Any, splits_path: Path, fold: int) -> Any:
-    out = cfg.model_copy(deep=True)
-    out._source = cfg._source
-    out.data.splits, out.data.fold = splits_path, fold
-    return out
-
-
 def _external_name(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(path).resolve().name) or "external"
 
@@ -180,6 +168,7 @@ class CVResult:
     out: Path
     n_folds: int
     done: list[int] = field(default_factory=list)  # folds scored (this run or earlier)
+    busy: list[int] = field(default_factory=list)  # folds another process was training
     table: dict[str, Any] | None = None  # written when every fold is scored
 
 
@@ -188,12 +177,10 @@ def run_cv(config: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, o
            hit: str | None = None, n_boot: int = 1000, device: str = "auto", progress: bool = True) -> CVResult:
     """Train and score the folds (all, or ``only`` these) of ``config``; write the table once every
     fold is scored. See the module docstring."""
-    from mammocad.evaluation.run import evaluate_prepared
-    from mammocad.io.outdir import check_output_dir, claim_output_dir
-    from mammocad.training.checkpoint import CHECKPOINT_STATE
-    from mammocad.training.config import load_config
-    from mammocad.training.engine import BUNDLE_DIR
-    from mammocad.training.engine import train as run_training
+    from mammocad.datasets.prepared import PreparedDataset
+    from mammocad.io.outdir import check_output_dir, locked_file
+    from mammocad.training.card import inference_autocast
+    from mammocad.training.config import load_config, resume_key, with_overrides
 
     cfg = load_config(config)
     if folds < 2:
@@ -204,48 +191,115 @@ def run_cv(config: str | Path, out: str | Path, *, folds: int = DEFAULT_FOLDS, o
             raise InputError(p, "is not a prepared dataset (no cases.jsonl); --external takes `mammocad prepare` output")
     out = check_output_dir(out)
     splits_path = resolve_splits(cfg, out, splits, folds, seed, val)
-    from mammocad.datasets.prepared import PreparedDataset
-
+    with locked_file(out / LOCK_NAME):  # every fold trains the same recipe: a changed config is refused
+        check_recipe(out / RECIPE_NAME, resume_key(with_overrides(cfg, splits=splits_path, fold=0)), config)
     n = len(PreparedDataset(cfg.data.prepared).load_splits(splits_path)["folds"])
     todo = list(range(n)) if only is None else list(dict.fromkeys(only))
     bad = [i for i in todo if not 0 <= i < n]
     if bad:
         raise ConfigError("--fold", f"fold {bad[0]} does not exist: {splits_path} has folds 0..{n - 1}")
+    # scored as the bundle will predict: a model trained in fp32 is scored in fp32, not under bf16
+    how = {"autocast": inference_autocast(cfg), "hit": hit, "n_boot": n_boot}
     result = CVResult(out=out, n_folds=n)
     for i in todo:
-        fdir = fold_dir(out, i)
-        run_dir, bundle = fdir / "train", fdir / "train" / BUNDLE_DIR
-        if not (bundle / "model.json").is_file():
-            with claim_output_dir(run_dir, "train"):
-                run_training(fold_config(cfg, splits_path, i), run_dir, resume=(run_dir / CHECKPOINT_STATE).is_file(),
-                             device=device, progress=progress)
-            if not (bundle / "model.json").is_file():
-                raise InputError(run_dir, f"fold {i} wrote no bundle (interrupted, or the time budget ended before an "
-                                          "epoch); run `mammocad cv` again to resume it")
-        if not (fdir / "eval" / "metrics.json").is_file():
-            evaluate_prepared(bundle, cfg.data.prepared, split="test", fold=i, splits_path=splits_path,
-                              out_dir=fdir / "eval", device=device, n_boot=n_boot, hit=hit, source_kind="model",
-                              progress=progress)
+        try:
+            bundle = _train_fold(with_overrides(cfg, splits=splits_path, fold=i), fold_dir(out, i) / "train", device,
+                                 progress)
+        except FoldBusy as busy:  # another process trains it (`--fold i`): go on, it writes its own results
+            result.busy.append(i)
+            log.warning("%s", busy)
+            continue
+        _score(bundle, cfg.data.prepared, fold_dir(out, i) / "eval", how, device, progress, split="test", fold=i,
+               splits_path=splits_path)
         for ext in externals:
-            edir = fdir / f"external-{_external_name(ext)}"
-            if not (edir / "metrics.json").is_file():
-                evaluate_prepared(bundle, ext, split="all", out_dir=edir, device=device, n_boot=n_boot, hit=hit,
-                                  source_kind="model", progress=progress)
+            _score(bundle, ext, fold_dir(out, i) / f"external-{_external_name(ext)}", how, device, progress, split="all")
     result.done = [i for i in range(n) if (fold_dir(out, i) / "eval" / "metrics.json").is_file()]
     if len(result.done) == n:
-        with _locked(out / ".cv.lock"):
-            result.table = write_table(cfg, config, out, splits_path, n, externals)
+        with locked_file(out / LOCK_NAME):
+            result.table = write_table(cfg, config, out, splits_path, n, externals, how)
     return result
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+class FoldBusy(InputError):
+    """Another process holds this fold's run folder."""
 
 
-def write_table(cfg: Any, config: str | Path, out: Path, splits_path: Path, n: int, externals: list[Path]) -> dict[str, Any]:
-    """``cv.json`` and ``cv.md`` from the folds' metrics and training records."""
-    from mammocad.io.atomic import atomic_write_json, atomic_write_text
+def check_recipe(path: Path, key: dict[str, Any], config: str | Path) -> None:
+    """Record the recipe (the config's resume key) the first time; refuse another one later."""
+    from mammocad.io.atomic import atomic_write_json
+
+    if not path.is_file():
+        atomic_write_json(path, {"config": str(config), "resume_key": key}, indent=1)
+        return
     import json
+
+    old = json.loads(path.read_text(encoding="utf-8"))["resume_key"]
+    diff = sorted(k for k in set(old) | set(key) if old.get(k) != key.get(k))
+    if diff:
+        raise ConfigError(config, f"{diff[0]}: differs from the recipe this cross-validation ran ({path}); "
+                                  "use another --out, or put the config back")
+
+
+def _train_fold(cfg: Any, run_dir: Path, device: str, progress: bool) -> Path:
+    """The fold's bundle: trained here (resumed from a checkpoint) unless it exists."""
+    from mammocad.io.outdir import claim_output_dir
+    from mammocad.models.bundle import CARD_FILE
+    from mammocad.training.checkpoint import CHECKPOINT_STATE
+    from mammocad.training.engine import BUNDLE_DIR
+    from mammocad.training.engine import train as run_training
+
+    bundle = run_dir / BUNDLE_DIR
+    if (bundle / CARD_FILE).is_file():
+        return bundle
+    try:
+        claim = claim_output_dir(run_dir, "train")
+        claim.__enter__()
+    except InputError as err:
+        raise FoldBusy(run_dir, err.cause) from None
+    try:
+        if not (bundle / CARD_FILE).is_file():  # finished by another process while this one waited
+            run_training(cfg, run_dir, resume=(run_dir / CHECKPOINT_STATE).is_file(), device=device, progress=progress)
+    finally:
+        claim.__exit__(None, None, None)
+    if not (bundle / CARD_FILE).is_file():
+        raise InputError(run_dir, f"fold {cfg.data.fold} wrote no bundle (interrupted, or the time budget ended before "
+                                  "an epoch); run `mammocad cv` again to resume it")
+    return bundle
+
+
+def _score(bundle: Path, prepared: Path, out: Path, how: dict[str, Any], device: str, progress: bool, **where: Any) -> None:
+    """``metrics.json`` of ``bundle`` on ``prepared`` in ``out``, unless it is there for these very
+    weights and settings (``scored.json``): a retrained fold is scored again."""
+    import json
+
+    from mammocad.evaluation.run import evaluate_prepared
+    from mammocad.io.atomic import atomic_write_json
+    from mammocad.models.bundle import read_card
+
+    record = {"weights_sha256": read_card(bundle).weights_sha256, **how}
+    scored = out / SCORED_NAME
+    if (out / "metrics.json").is_file() and scored.is_file() and json.loads(scored.read_text(encoding="utf-8")) == record:
+        return
+    try:
+        evaluate_prepared(bundle, prepared, out_dir=out, device=device, n_boot=how["n_boot"], hit=how["hit"],
+                          autocast=how["autocast"], source_kind="model", progress=progress, **where)
+    except InputError as err:
+        if "another mammocad run is writing" in err.cause:  # a parallel process scores it
+            log.warning("%s: %s", out, err.cause)
+            return
+        raise
+    atomic_write_json(scored, record, indent=1)
+
+
+def write_table(cfg: Any, config: str | Path, out: Path, splits_path: Path, n: int, externals: list[Path],
+                how: dict[str, Any]) -> dict[str, Any]:
+    """``cv.json`` and ``cv.md`` from the folds' metrics and training records."""
+    import json
+
+    from mammocad.io.atomic import atomic_write_json, atomic_write_text
+    from mammocad.io.discover import file_sha256
+    from mammocad.models.bundle import CARD_FILE
+    from mammocad.training.engine import BUNDLE_DIR
 
     def read_json(path: Path) -> Any:
         return json.loads(Path(path).read_text(encoding="utf-8"))
@@ -254,18 +308,22 @@ def write_table(cfg: Any, config: str | Path, out: Path, splits_path: Path, n: i
     splits = read_json(splits_path)
     training = []
     for i in range(n):
-        card = read_json(fold_dir(out, i) / "train" / "bundle" / "model.json")
+        card = read_json(fold_dir(out, i) / "train" / BUNDLE_DIR / CARD_FILE)
         t = card.get("training") or {}
-        training.append({k: t.get(k) for k in ("stopped", "epochs", "run_seconds", "stage_results") if k in t})
+        training.append({"weights_sha256": card.get("weights_sha256"),
+                         **{k: t.get(k) for k in ("stopped", "epochs", "seconds", "stages") if k in t}})
     table: dict[str, Any] = {
-        "config": str(Path(config)), "config_sha256": _sha256(Path(config)),
-        "splits": {"path": str(splits_path), "sha256": _sha256(splits_path), "method": splits.get("method"),
+        "config": str(Path(config)), "config_sha256": file_sha256(Path(config)),
+        "splits": {"path": str(splits_path), "sha256": file_sha256(splits_path), "method": splits.get("method"),
                    "seed": splits.get("seed"), "parameters": splits.get("parameters"),
                    "official_fold_numbers": splits.get("official_fold_numbers")},
         "n_folds": n,
         "protocol": ("patient-grouped k-fold: every image scored once by the model of the fold that never saw its "
                      "patient; early stopping and checkpoint choice on a validation carve of the TRAINING patients; "
-                     "threshold and post-processing fixed in the config beforehand"),
+                     "threshold and post-processing fixed in the config beforehand. The interval is a t-interval over "
+                     "the fold figures: it shows their spread, and is narrower than the true uncertainty (the folds' "
+                     "training sets overlap; for an external set every fold scores the same images)"),
+        "scoring": how,
         "hit_rule": (metrics[0].get("detection") or {}).get("hit_rule"),
         "metrics": fold_table(metrics),
         "training": training,
@@ -287,7 +345,7 @@ def _fmt(v: Any) -> str:
 
 
 def _rows(metrics: dict[str, Any], n: int) -> list[str]:
-    rows = ["| metric | " + " | ".join(f"fold {i}" for i in range(n)) + " | mean | SD | 95% CI |",
+    rows = ["| metric | " + " | ".join(f"fold {i}" for i in range(n)) + " | mean | SD | 95% t-interval over folds |",
             "|---" * (n + 4) + "|"]
     for name, s in metrics.items():
         ci = "-" if s["ci"] is None else f"{s['ci']['low']:.3f} - {s['ci']['high']:.3f}"

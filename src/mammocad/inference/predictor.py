@@ -2,7 +2,7 @@
 
 image (DICOM / PNG / PGM / JPEG, or a LoadedImage) -> ``preprocess_image`` with the bundle's spec
 (MG: breast crop, canonical flip, resize; US: scan-area crop, resize) -> the task's inference on the
-prepared grid (``task.grid_probabilities``, then ``task.find_lesions``: threshold, min area, inside the
+prepared grid (``task.infer``, then ``task.find_lesions``: threshold, min area, inside the
 breast) -> ``lesions_to_original`` through the Geometry -> ``Prediction`` + masks of the original
 image's size; plus the candidates (every component at a low threshold, ``task.find_candidates``) that
 evaluation's FROC curve is drawn from. What the output means is the task module's (``mammocad.tasks``).
@@ -105,7 +105,9 @@ class Predictor:
         self.settings = BundleSettings.from_card(card)
         self.channel_names = self.task.output_names(self.model, self.settings)
         self.batch_size = int(batch_size or self.settings.batch_size)
-        self.autocast, self.voi = autocast, voi
+        # "auto" follows the card: a model validated in fp32 is not run in bf16 behind its back
+        self.autocast = card.tiling.autocast if autocast == "auto" and card.tiling.autocast != "auto" else autocast
+        self.voi = voi
 
     @property
     def name(self) -> str:

@@ -77,6 +77,18 @@ def _lock(fh) -> bool:
 
 
 @contextlib.contextmanager
+def locked_file(path: str | Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (created if needed), WAITING for another process that holds
+    it: for a short shared step (``mammocad cv`` making its splits or writing its table once)."""
+    import time
+
+    with open(path, "a+", encoding="utf-8") as fh:
+        while not _lock(fh):
+            time.sleep(0.2)
+        yield  # closing the file releases the lock
+
+
+@contextlib.contextmanager
 def claim_output_dir(path: str | Path, command: str) -> Iterator[Path]:
     """``check_output_dir``, then hold the folder's lock for the duration of the ``with`` block and
     mark it as written by ``command``. A second run into the same folder gets a one-line error."""

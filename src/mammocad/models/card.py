@@ -52,6 +52,9 @@ class Tiling(_Strict):
     mode: Literal["sliding", "four", "whole"] = "sliding"  # whole: detection only
     batch_size: int = Field(4, ge=1, le=MAX_BATCH)
     tta: list[Literal["hflip"]] = Field(default_factory=list)
+    # what "auto" means for this model: "fp32" when it was trained and validated without bf16 (a
+    # pretrained EfficientNet-Lite shifts 4-5 % under bf16); "auto" = bf16 where the device has it
+    autocast: Literal["auto", "fp32"] = "auto"
 
 
 class ModelCard(pydantic.BaseModel):

@@ -46,7 +46,7 @@ Choices, and why:
   change what a shipped bundle computes.
 
 Staged training (the papers' Matterport schedule) freezes parameters by name prefix
-(``train.stages[].freeze``); ``stage_prefixes(model, stage)`` gives them. Parameter names are
+(``train.stages[].freeze``, spelled out in the configs); ``stage_prefixes(model, stage)`` lists them. Parameter names are
 ``backbone.body.stages.<i>.`` (stage ``i`` has stride ``2 ** (i + 1)``: 0 = ResNet C1 (conv1),
 1 = C2 (layer1), 2 = C3, 3 = C4, 4 = C5; EfficientNet-Lite's blocks of the same strides),
 ``backbone.fpn.``, ``rpn.``, ``roi_heads.``:

@@ -12,14 +12,15 @@ later one keeps the shared pixels. Cases with a lesion of unknown pathology are 
 benign/malignant detector unless ``data.unknown`` names a class: a lesion cannot be a negative.
 
 Inference on the prepared grid (``infer``): the whole image (``inference.mode: whole``; the model
-pads to its size divisor and never resizes), the papers' four quadrants (``four``) or sliding tiles;
-with ``tta: [hflip]`` the mirrored image too. The instances of all windows and flips are merged
-class-agnostically: greedy grouping by box IoU >= ``MERGE_IOU``; a group's mask is the union of its
-members' masks (probability >= 0.5), its box that of its best member, its class scores the best
-score of each class among the members, its lesion score their sum (capped at 1: torchvision scores
-each class of a proposal from one softmax, so the sum estimates 1 - p(background); the max would
-halve the score of a lesion the model cannot call benign or malignant). Masks are cut to the
-breast. ``find_lesions`` keeps the instances at the bundle's score threshold (papers: 0.7, 0.9),
+pads to its size divisor and never resizes), the papers' four quadrants (``four``; grown by
+``inference.overlap`` into each other, so that a lesion on a cut is whole in one of them) or
+sliding tiles; with ``tta: [hflip]`` the mirrored image too. The instances of all windows and flips
+are merged class-agnostically: greedy grouping by box IoU >= ``MERGE_IOU`` or a box inside another
+(a window's cut piece); a group's mask is the union of its members' masks (probability >= 0.5); its
+class scores are the best score of each class within ONE pass (window, flip), its lesion score
+their sum (capped at 1: torchvision scores each class of a proposal from one softmax, so the sum
+estimates 1 - p(background); the max would halve the score of a lesion the model cannot call
+benign or malignant), taken from the best pass (passes never add up). Masks are cut to the breast. ``find_lesions`` keeps the instances at the bundle's score threshold (papers: 0.7, 0.9),
 minimum area and max lesions; ``find_candidates`` those at the low candidate threshold (FROC).
 
 Validation scores what the bundle will output (the same ``infer`` and ``find_*``) with
@@ -30,6 +31,7 @@ validation split than one point of the curve.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field
@@ -46,10 +48,12 @@ from mammocad.records import CroppedMask, LesionComponent
 from mammocad.sampling import SegmentationSample
 from mammocad.tasks import RunContext, ValidationResult, autocast_context
 from mammocad.tasks.segment import InferenceSettings, build_train_dataset
-from mammocad.tasks.segment_lesions import DEFAULT_CANDIDATE_THRESHOLD, DEFAULT_MAX_CANDIDATES, lesion_label_map
+from mammocad.tasks.segment_lesions import (DEFAULT_CANDIDATE_THRESHOLD, DEFAULT_MAX_CANDIDATES, cap_candidates,
+                                            lesion_label_map)
 
 NAME = "detect"
 MERGE_IOU = 0.5  # instances of overlapping windows / flips with box IoU >= this are one lesion
+MERGE_INSIDE = 0.8  # ... or with this share of the smaller box inside the larger (a window's cut piece)
 MASK_THRESHOLD = 0.5  # Mask R-CNN mask probability -> pixel
 MIN_INSTANCE_PIXELS = 4  # a patch's sliver of a lesion smaller than this is no training instance
 MAX_CODE = 254  # instance codes live in uint8 below IGNORE_INDEX
@@ -64,7 +68,13 @@ def model_outputs(data: Any) -> int:
 
 def output_names(model: nn.Module, settings: InferenceSettings) -> tuple[str, ...]:
     """What the model's classes 1..K are called: the card's class names after the background."""
-    return tuple(settings.class_names[1:])
+    names = tuple(settings.class_names[1:])
+    if int(getattr(model, "num_classes", len(names))) != len(names):
+        raise ConfigError(settings.name, f"model detects {model.num_classes} class(es) but the card names "
+                                         f"{list(settings.class_names)}")
+    if settings.mode not in MODES:
+        raise ConfigError(settings.name, f"tiling mode {settings.mode!r} is not one of {', '.join(MODES)} for detection")
+    return names
 
 
 # ---- inference on the prepared grid --------------------------------------------------------------
@@ -73,10 +83,9 @@ class Detections:
     """Merged instances of one prepared image, best first."""
 
     image_size: tuple[int, int]
-    boxes: np.ndarray  # (N, 4) float x0, y0, x1, y1
     scores: np.ndarray  # (N,) lesion score (see the module docstring)
     class_scores: np.ndarray  # (N, K) best score of each class in the group
-    masks: list[CroppedMask] = field(default_factory=list)
+    masks: list[CroppedMask] = field(default_factory=list)  # the box of a lesion is its mask's
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -92,6 +101,9 @@ def _windows(shape: tuple[int, int], settings: InferenceSettings, divisor: int,
         raise ConfigError(settings.name, f"tiling mode {settings.mode!r} is not one of {', '.join(MODES)} for detection")
     if settings.mode == "whole":
         return [(0, 0, h, w)]
+    if settings.mode == "four":  # quadrants grown by ``overlap`` into each other (see the module docstring)
+        th, tw = min(h, math.ceil(h / 2 * (1 + settings.overlap))), min(w, math.ceil(w / 2 * (1 + settings.overlap)))
+        return list(dict.fromkeys((y, x, th, tw) for y in (0, h - th) for x in (0, w - tw)))
     plan = plan_tiles(shape, tile=settings.tile, overlap=settings.overlap, mode=settings.mode, size_divisor=divisor,
                       breast_mask=breast_mask)
     top, _, left, _ = plan.pad
@@ -104,6 +116,21 @@ def _windows(shape: tuple[int, int], settings: InferenceSettings, divisor: int,
     return out or [(0, 0, h, w)]
 
 
+def _forward(model: nn.Module, images: list[torch.Tensor], bf16: bool) -> list[dict[str, torch.Tensor]]:
+    """torchvision's ``GeneralizedRCNN.forward`` in eval mode, with bf16 (when asked) on the backbone
+    and FPN only: under a whole-model autocast torchvision decodes boxes in bf16, which snaps them to
+    a 2-pixel grid from 256 px on and rounds scores to ~0.004 (ties on a FROC curve)."""
+    with torch.no_grad():
+        sizes = [tuple(im.shape[-2:]) for im in images]
+        batch, _ = model.transform(images)
+        with torch.autocast(batch.tensors.device.type, dtype=torch.bfloat16, enabled=bf16):
+            features = model.backbone(batch.tensors)
+        features = {k: v.float() for k, v in features.items()}
+        proposals, _ = model.rpn(batch, features)
+        detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
+        return model.transform.postprocess(detections, batch.image_sizes, sizes)
+
+
 def _raw_instances(model: nn.Module, pixels: np.ndarray, windows: list[tuple[int, int, int, int]], flip: bool,
                    batch_size: int, device: torch.device, bf16: bool) -> list[dict[str, Any]]:
     """Every instance of every window, in image coordinates, masks cropped to their boxes."""
@@ -114,8 +141,7 @@ def _raw_instances(model: nn.Module, pixels: np.ndarray, windows: list[tuple[int
         chunk = windows[i:i + batch_size]
         tensors = [torch.from_numpy(np.ascontiguousarray(image[y:y + h, x:x + w]))[None].to(device)
                    for y, x, h, w in chunk]
-        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            results = model(tensors)
+        results = _forward(model, tensors, bf16)
         for (y, x, h, w), r in zip(chunk, results):
             boxes = r["boxes"].float().cpu().numpy()
             masks = r["masks"][:, 0].float().cpu().numpy() if "masks" in r else None
@@ -131,65 +157,83 @@ def _raw_instances(model: nn.Module, pixels: np.ndarray, windows: list[tuple[int
                     box = np.array([w_img - box[2], box[1], w_img - box[0], box[3]])
                     crop, left = crop[:, ::-1], w_img - (cx1 + x)
                 out.append({"box": box, "score": float(r["scores"][j]), "label": int(r["labels"][j]),
-                            "mask": crop >= MASK_THRESHOLD, "top": cy0 + y, "left": left})
+                            "mask": crop >= MASK_THRESHOLD, "top": cy0 + y, "left": left, "source": (y, x, flip)})
     return out
 
 
-def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def _same_lesion(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Box ``a`` against boxes ``b``: IoU >= MERGE_IOU, or one box (nearly) inside the other
+    (intersection over the smaller >= MERGE_INSIDE: the piece of a lesion that a window cut)."""
     x0, y0 = np.maximum(a[0], b[:, 0]), np.maximum(a[1], b[:, 1])
     x1, y1 = np.minimum(a[2], b[:, 2]), np.minimum(a[3], b[:, 3])
     inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
-    area = lambda r: np.clip(r[..., 2] - r[..., 0], 0, None) * np.clip(r[..., 3] - r[..., 1], 0, None)  # noqa: E731
-    union = area(a) + area(b) - inter
-    return np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    area_a = max(a[2] - a[0], 0) * max(a[3] - a[1], 0)
+    area_b = np.clip(b[:, 2] - b[:, 0], 0, None) * np.clip(b[:, 3] - b[:, 1], 0, None)
+    union, smaller = area_a + area_b - inter, np.minimum(area_a, area_b)
+    iou = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
+    inside = np.where(smaller > 0, inter / np.maximum(smaller, 1e-12), 0.0)
+    return (iou >= MERGE_IOU) | (inside >= MERGE_INSIDE)
 
 
 def merge_instances(raw: list[dict[str, Any]], image_size: tuple[int, int], n_classes: int,
                     breast_mask: np.ndarray | None = None) -> Detections:
-    """Class-agnostic greedy grouping of ``raw`` instances (see the module docstring)."""
+    """Class-agnostic greedy grouping of ``raw`` instances (see the module docstring). The class
+    scores are summed within each pass (window, flip) that saw the lesion, never across passes: the
+    best pass gives the group's score and class scores, so overlapping windows and TTA do not add up."""
     h, w = image_size
     order = sorted(range(len(raw)), key=lambda i: -raw[i]["score"])
     boxes = np.array([raw[i]["box"] for i in order], dtype=np.float64).reshape(-1, 4)
     taken = np.zeros(len(order), dtype=bool)
-    out_boxes, out_scores, out_classes, out_masks = [], [], [], []
+    groups: list[tuple[float, np.ndarray, CroppedMask]] = []
     for a in range(len(order)):
         if taken[a]:
             continue
         # every instance before ``a`` is taken (sorted by score): a group is ``a`` and the untaken overlapping it
-        members = np.union1d(np.flatnonzero(~taken & (_box_iou(boxes[a], boxes) >= MERGE_IOU)), [a])
-        taken[members] = True
-        class_scores = np.zeros(n_classes)
-        canvas = np.zeros((h, w), dtype=bool)
-        for m in members:
-            r = raw[order[m]]
+        idx = np.union1d(np.flatnonzero(~taken & _same_lesion(boxes[a], boxes)), [a])
+        taken[idx] = True
+        members = [raw[order[m]] for m in idx]
+        per_source: dict[Any, np.ndarray] = {}
+        for r in members:
             c = r["label"] - 1
-            if 0 <= c < n_classes:
-                class_scores[c] = max(class_scores[c], r["score"])
-            mh, mw = r["mask"].shape
-            y0, x0 = max(r["top"], 0), max(r["left"], 0)
-            y1, x1 = min(r["top"] + mh, h), min(r["left"] + mw, w)
-            if y1 > y0 and x1 > x0:
-                canvas[y0:y1, x0:x1] |= r["mask"][y0 - r["top"]:y1 - r["top"], x0 - r["left"]:x1 - r["left"]]
-        if breast_mask is not None:
-            canvas &= breast_mask != 0
-        if not canvas.any():
+            if not 0 <= c < n_classes:
+                raise ConfigError("model", f"detection of class {r['label']} from a model said to have {n_classes} class(es)")
+            scores = per_source.setdefault(r.get("source"), np.zeros(n_classes))
+            scores[c] = max(scores[c], r["score"])
+        class_scores = max(per_source.values(), key=lambda v: v.sum())
+        # the union of the members' masks, on the members' bounding region only (not a full-image canvas)
+        y0 = max(min(r["top"] for r in members), 0)
+        x0 = max(min(r["left"] for r in members), 0)
+        y1 = min(max(r["top"] + r["mask"].shape[0] for r in members), h)
+        x1 = min(max(r["left"] + r["mask"].shape[1] for r in members), w)
+        if y1 <= y0 or x1 <= x0:
             continue
-        mask = CroppedMask.from_full(canvas)
-        out_boxes.append(boxes[a])
-        out_scores.append(min(1.0, float(class_scores.sum())))
-        out_classes.append(class_scores)
-        out_masks.append(mask)
-    order2 = np.argsort(-np.array(out_scores), kind="stable") if out_scores else np.array([], dtype=int)
-    return Detections(image_size=(h, w), boxes=np.array(out_boxes).reshape(-1, 4)[order2],
-                      scores=np.array(out_scores, dtype=np.float64)[order2],
-                      class_scores=np.array(out_classes).reshape(-1, n_classes)[order2],
-                      masks=[out_masks[i] for i in order2])
+        region = np.zeros((y1 - y0, x1 - x0), dtype=bool)
+        for r in members:
+            mh, mw = r["mask"].shape
+            ty0, tx0 = max(r["top"], y0), max(r["left"], x0)
+            ty1, tx1 = min(r["top"] + mh, y1), min(r["left"] + mw, x1)
+            if ty1 > ty0 and tx1 > tx0:
+                region[ty0 - y0:ty1 - y0, tx0 - x0:tx1 - x0] |= \
+                    r["mask"][ty0 - r["top"]:ty1 - r["top"], tx0 - r["left"]:tx1 - r["left"]]
+        if breast_mask is not None:
+            region &= breast_mask[y0:y1, x0:x1] != 0
+        if not region.any():
+            continue
+        rows, cols = np.flatnonzero(region.any(axis=1)), np.flatnonzero(region.any(axis=0))
+        mask = CroppedMask(region[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].copy(), x0 + int(cols[0]),
+                           y0 + int(rows[0]), (h, w))
+        groups.append((min(1.0, float(class_scores.sum())), class_scores, mask))
+    groups.sort(key=lambda g: -g[0])
+    return Detections(image_size=(h, w), scores=np.array([g[0] for g in groups], dtype=np.float64),
+                      class_scores=np.array([g[1] for g in groups]).reshape(-1, n_classes),
+                      masks=[g[2] for g in groups])
 
 
 def infer(model: nn.Module, pixels: np.ndarray, breast_mask: np.ndarray | None, settings: InferenceSettings, *,
           batch_size: int | None = None, autocast: str = "auto", device: torch.device | None = None) -> Detections:
-    """Merged instances of a preprocessed image (``settings``' windows and TTA). Changes nothing on
-    the model, so threads may share it."""
+    """Merged instances of a preprocessed image (``settings``' windows and TTA). The model must be
+    in eval mode (``Predictor`` and validation put it there): nothing is changed on it, so threads
+    may share it."""
     from mammocad.tasks.tiling import use_bf16
 
     if pixels.ndim != 2 or not np.issubdtype(pixels.dtype, np.floating):
@@ -199,16 +243,13 @@ def infer(model: nn.Module, pixels: np.ndarray, breast_mask: np.ndarray | None, 
         device = p.device if p is not None else torch.device("cpu")
     bf16 = use_bf16(autocast, device)
     pixels = np.ascontiguousarray(pixels, dtype=np.float32)
+    if model.training:
+        raise ConfigError(settings.name, "detection inference needs the model in eval mode (model.eval())")
     windows = _windows(pixels.shape, settings, int(getattr(model, "size_divisor", 32)), breast_mask)
-    was_training = model.training
-    model.eval()
-    try:
-        raw = _raw_instances(model, pixels, windows, False, int(batch_size or settings.batch_size), device, bf16)
-        if "hflip" in settings.tta:
-            flipped_windows = [(y, pixels.shape[1] - x - w, h, w) for y, x, h, w in windows]
-            raw += _raw_instances(model, pixels, flipped_windows, True, int(batch_size or settings.batch_size), device, bf16)
-    finally:
-        model.train(was_training)
+    raw = _raw_instances(model, pixels, windows, False, int(batch_size or settings.batch_size), device, bf16)
+    if "hflip" in settings.tta:
+        flipped_windows = [(y, pixels.shape[1] - x - w, h, w) for y, x, h, w in windows]
+        raw += _raw_instances(model, pixels, flipped_windows, True, int(batch_size or settings.batch_size), device, bf16)
     return merge_instances(raw, pixels.shape, len(settings.class_names) - 1, breast_mask)
 
 
@@ -218,7 +259,7 @@ def max_score(found: Detections, breast_mask: np.ndarray | None) -> float:
 
 def _components(found: Detections, threshold: float, min_area: int, names: tuple[str, ...]) -> list[LesionComponent]:
     out = []
-    for box, score, cls, mask in zip(found.boxes, found.scores, found.class_scores, found.masks):
+    for score, cls, mask in zip(found.scores, found.class_scores, found.masks):
         if score < threshold or mask.area < max(int(min_area), 1):
             continue
         total = cls.sum()
@@ -241,14 +282,10 @@ def find_candidates(found: Detections, breast_mask: np.ndarray | None, settings:
                     channel_names: tuple[str, ...], threshold: float = DEFAULT_CANDIDATE_THRESHOLD,
                     max_candidates: int | None = DEFAULT_MAX_CANDIDATES) -> tuple[list[LesionComponent], dict[str, Any]]:
     """What a FROC curve is drawn from: every instance scoring >= ``threshold`` (the model's own
-    ``box_score_thresh`` is the floor below which none exist), at most ``max_candidates``."""
-    comps = _components(found, threshold, settings.min_area, channel_names)
-    kept = comps if max_candidates is None else comps[:int(max_candidates)]
-    dropped = comps[len(kept):]
-    search = {"probability_threshold": float(threshold), "min_area_prepared_pixels": int(settings.min_area),
-              "max_candidates": None if max_candidates is None else int(max_candidates), "n_found": len(comps),
-              "highest_score_dropped": dropped[0].score if dropped else None}
-    return kept, search
+    ``box_score_thresh`` is the floor below which none exist), capped as segmentation caps its
+    candidates (``segment_lesions.cap_candidates``)."""
+    return cap_candidates(_components(found, threshold, settings.min_area, channel_names), threshold,
+                          settings.min_area, max_candidates)
 
 
 def predict_label_map(model: nn.Module, pixels: np.ndarray, breast_mask: np.ndarray | None, settings: InferenceSettings,
@@ -346,10 +383,10 @@ def load_split(cfg: Any, prepared: Any, split: str) -> list[DetectionSample]:
     return out
 
 
-def collate(n_classes: int):
-    def fn(batch: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
-        return [image for image, _ in batch], [decode_instances(codes, n_classes) for _, codes in batch]
-    return fn
+def collate(batch: list[tuple[torch.Tensor, torch.Tensor]], n_classes: int,
+            ) -> tuple[list[torch.Tensor], list[dict[str, torch.Tensor]]]:
+    """DataLoader collate (``functools.partial(collate, n_classes=K)``: picklable for worker processes)."""
+    return [image for image, _ in batch], [decode_instances(codes, n_classes) for _, codes in batch]
 
 
 # ---- validation ----------------------------------------------------------------------------------
@@ -359,6 +396,8 @@ def validate_images(model: nn.Module, samples: list[DetectionSample], class_name
 
     start = time.perf_counter()
     settings = InferenceSettings.from_config(inference, class_names)
+    was_training = model.training
+    model.eval()
 
     def items():
         for d in samples:
@@ -368,10 +407,15 @@ def validate_images(model: nn.Module, samples: list[DetectionSample], class_name
                            breast_mask=s.breast, lesion_masks=d.lesion_masks, components=candidates,
                            operating_components=lesions)
 
-    report = evaluate_segmentation(items(), class_names, n_boot=n_boot, keep_per_image=False, coco_ap=True)
+    try:
+        with torch.no_grad():
+            report = evaluate_segmentation(items(), class_names, n_boot=n_boot, keep_per_image=False, coco_ap=True)
+    finally:
+        model.train(was_training)
     det = report.detection
     sens = [p["sensitivity"] for p in det.operating_points] if det is not None else []
-    cpm = float(np.mean(sens)) if sens and all(math.isfinite(v) for v in sens) else math.nan
+    # no scorable lesion: every sensitivity is None, and the score is undefined (NaN), not an error
+    cpm = float(np.mean(sens)) if sens and all(v is not None and math.isfinite(v) for v in sens) else math.nan
     coco = (det.coco or {}) if det is not None else {}
     metrics = {"val_froc": cpm, "val_sens_1fp": det.sensitivity_at_1fp.value if det is not None else math.nan,
                "val_mask_ap": (coco.get("mask") or {}).get("AP"), "val_dice": report.headline["dice_lesion_images_mean"].value}
@@ -395,7 +439,7 @@ class DetectTraining:
             raise ConfigError(cfg.source, "sampling: detection trains on balanced patches (kind: balanced, "
                                           "mode: fractions): lesion-centred, tissue and background patches")
         self.train_dataset = build_train_dataset(cfg, [d.sample for d in train])
-        self.collate = collate(self.n_classes)
+        self.collate = functools.partial(collate, n_classes=self.n_classes)
         self.val_samples: list[DetectionSample] = []
 
     def prepare_validation(self, patch_loader: bool) -> None:
@@ -413,6 +457,8 @@ class DetectTraining:
         d = int(getattr(model, "size_divisor", 32))
         if self.cfg.sampling.patch % d:
             raise ConfigError(self.cfg.source, f"sampling.patch: {self.cfg.sampling.patch} is not a multiple of {d}")
+        if self.cfg.inference.mode == "sliding" and self.cfg.inference.tile % d:
+            raise ConfigError(self.cfg.source, f"inference.tile: {self.cfg.inference.tile} is not a multiple of {d}")
 
     def train_step(self, net: nn.Module, batch: Any) -> dict[str, torch.Tensor]:
         images, targets = batch

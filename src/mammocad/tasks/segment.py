@@ -121,6 +121,9 @@ def output_names(model: nn.Module, settings: InferenceSettings) -> tuple[str, ..
     n = getattr(model, "num_classes", None)
     if n is None:
         raise ConfigError(settings.name, "model has no num_classes attribute")
+    if settings.mode == "whole":
+        raise ConfigError(settings.name, "tiling.mode: 'whole' is for detection models; segmentation tiles "
+                                         "(sliding, four)")
     return settings.channel_names(int(n))
 
 

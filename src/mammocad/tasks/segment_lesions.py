@@ -146,9 +146,16 @@ def find_candidates(probs: np.ndarray, breast_mask: np.ndarray | None, settings:
     dropped: the curve drawn from these is complete only above it."""
     found = probability_to_lesions(probs, threshold=threshold, min_area=settings.min_area, class_names=channel_names,
                                    breast_mask=breast_mask)  # sorted by score, highest first
+    return cap_candidates(found, threshold, settings.min_area, max_candidates)
+
+
+def cap_candidates(found: list[LesionComponent], threshold: float, min_area: int, max_candidates: int | None,
+                   ) -> tuple[list[LesionComponent], dict[str, Any]]:
+    """The ``max_candidates`` best of ``found`` (sorted by score, highest first) and the record of the
+    search (``Prediction.attributes["candidate_search"]``), with the highest score the cap dropped."""
     kept = found if max_candidates is None else found[:int(max_candidates)]
     dropped = found[len(kept):]
-    search = {"probability_threshold": float(threshold), "min_area_prepared_pixels": int(settings.min_area),
+    search = {"probability_threshold": float(threshold), "min_area_prepared_pixels": int(min_area),
               "max_candidates": None if max_candidates is None else int(max_candidates), "n_found": len(found),
               "highest_score_dropped": dropped[0].score if dropped else None}
     return kept, search

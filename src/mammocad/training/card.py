@@ -62,6 +62,12 @@ def validation_summary(report: Any) -> dict[str, Any] | None:
     return d
 
 
+def inference_autocast(cfg: TrainConfig) -> str:
+    """The card's ``tiling.autocast``: a model trained in fp32 (``amp: none``) or fp16 (CUDA) was
+    validated in fp32, so it predicts in fp32; bf16 / auto training validated under bf16 where available."""
+    return "fp32" if cfg.train.amp in ("none", "fp16") else "auto"
+
+
 def build_card(cfg: TrainConfig, prepared: Any, *, report: Any, training: dict[str, Any]) -> dict[str, Any]:
     from mammocad import __version__
 
@@ -81,7 +87,8 @@ def build_card(cfg: TrainConfig, prepared: Any, *, report: Any, training: dict[s
         "thresholds": {"probability": cfg.inference.threshold, "min_area": cfg.inference.min_area,
                        "max_lesions": cfg.inference.max_lesions},
         "tiling": {"tile": cfg.inference.tile, "overlap": cfg.inference.overlap, "mode": cfg.inference.mode,
-                   "batch_size": cfg.inference.batch_size, "tta": list(cfg.inference.tta)},
+                   "batch_size": cfg.inference.batch_size, "tta": list(cfg.inference.tta),
+                   "autocast": inference_autocast(cfg)},
         "training_data": training_data(cfg, prepared),
         "training": training,
         "validation": validation_summary(report),
