@@ -86,6 +86,11 @@ def test_merge_never_adds_scores_of_different_passes():
     flip = [{**_raw((11, 10, 31, 30), 0.45, 2), "source": "flip"}, {**_raw((11, 10, 31, 30), 0.05, 1), "source": "flip"}]
     d = merge_instances(plain + flip, (60, 80), 2)
     assert len(d) == 1 and d.scores.tolist() == pytest.approx([0.5])
+    # within one window a small box inside a large one is another finding (a lesion inside a false
+    # positive's box); from another window it is the piece of a lesion that the window cut
+    big, small = _raw((0, 0, 40, 40), 0.7, 1), _raw((5, 5, 15, 15), 0.6, 1)
+    assert len(merge_instances([big, small], (60, 80), 2)) == 2
+    assert len(merge_instances([{**big, "source": (0, 0, False)}, {**small, "source": (0, 30, False)}], (60, 80), 2)) == 1
     with pytest.raises(ConfigError, match="class 3 from a model said to have 2"):
         merge_instances([_raw((1, 1, 5, 5), 0.9, 3)], (60, 80), 2)
 

@@ -157,13 +157,17 @@ def _raw_instances(model: nn.Module, pixels: np.ndarray, windows: list[tuple[int
                     box = np.array([w_img - box[2], box[1], w_img - box[0], box[3]])
                     crop, left = crop[:, ::-1], w_img - (cx1 + x)
                 out.append({"box": box, "score": float(r["scores"][j]), "label": int(r["labels"][j]),
-                            "mask": crop >= MASK_THRESHOLD, "top": cy0 + y, "left": left, "source": (y, x, flip)})
+                            # the pass: the window where it lies in the image (a flipped pass's too), and the flip
+                            "mask": crop >= MASK_THRESHOLD, "top": cy0 + y, "left": left,
+                            "source": (y, w_img - x - w if flip else x, flip)})
     return out
 
 
-def _same_lesion(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Box ``a`` against boxes ``b``: IoU >= MERGE_IOU, or one box (nearly) inside the other
-    (intersection over the smaller >= MERGE_INSIDE: the piece of a lesion that a window cut)."""
+def _same_lesion(a: np.ndarray, b: np.ndarray, other_window: np.ndarray) -> np.ndarray:
+    """Box ``a`` against boxes ``b``: IoU >= MERGE_IOU, or, for a box from another window
+    (``other_window``), one box (nearly) inside the other (intersection over the smaller >=
+    MERGE_INSIDE: the piece of a lesion that a window cut). Within one window a small box inside a
+    large one is another finding (a lesion inside a false positive's box), never merged away."""
     x0, y0 = np.maximum(a[0], b[:, 0]), np.maximum(a[1], b[:, 1])
     x1, y1 = np.minimum(a[2], b[:, 2]), np.minimum(a[3], b[:, 3])
     inter = np.clip(x1 - x0, 0, None) * np.clip(y1 - y0, 0, None)
@@ -172,7 +176,7 @@ def _same_lesion(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     union, smaller = area_a + area_b - inter, np.minimum(area_a, area_b)
     iou = np.where(union > 0, inter / np.maximum(union, 1e-12), 0.0)
     inside = np.where(smaller > 0, inter / np.maximum(smaller, 1e-12), 0.0)
-    return (iou >= MERGE_IOU) | (inside >= MERGE_INSIDE)
+    return (iou >= MERGE_IOU) | (other_window & (inside >= MERGE_INSIDE))
 
 
 def merge_instances(raw: list[dict[str, Any]], image_size: tuple[int, int], n_classes: int,
@@ -183,13 +187,15 @@ def merge_instances(raw: list[dict[str, Any]], image_size: tuple[int, int], n_cl
     h, w = image_size
     order = sorted(range(len(raw)), key=lambda i: -raw[i]["score"])
     boxes = np.array([raw[i]["box"] for i in order], dtype=np.float64).reshape(-1, 4)
+    windows = [(raw[i].get("source") or (0, 0, False))[:2] for i in order]  # (y, x) of the window: flips share it
     taken = np.zeros(len(order), dtype=bool)
     groups: list[tuple[float, np.ndarray, CroppedMask]] = []
     for a in range(len(order)):
         if taken[a]:
             continue
         # every instance before ``a`` is taken (sorted by score): a group is ``a`` and the untaken overlapping it
-        idx = np.union1d(np.flatnonzero(~taken & _same_lesion(boxes[a], boxes)), [a])
+        other_window = np.array([windows[m] != windows[a] for m in range(len(order))], dtype=bool)
+        idx = np.union1d(np.flatnonzero(~taken & _same_lesion(boxes[a], boxes, other_window)), [a])
         taken[idx] = True
         members = [raw[order[m]] for m in idx]
         per_source: dict[Any, np.ndarray] = {}
