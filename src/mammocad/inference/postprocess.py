@@ -24,74 +24,98 @@ from mammocad.preprocess.geometry import Geometry
 from mammocad.records import CroppedMask, LesionComponent, PredictedLesion
 
 
-def _label_map(components: list[LesionComponent], size: tuple[int, int]) -> np.ndarray:
+def disjoint_layers(masks: list[CroppedMask], size: tuple[int, int]) -> list[list[int]]:
+    """Indices of ``masks`` in layers of pairwise disjoint masks (greedy, in order). Components of one
+    thresholded probability map are disjoint: one layer, one resize. Detection instances may overlap
+    (a lesion inside a larger false positive's mask): each layer is mapped on its own, so no mask
+    loses the pixels it shares with another."""
+    layers: list[list[int]] = []
+    taken: list[np.ndarray] = []
+    for k, m in enumerate(masks):
+        if tuple(m.image_size) != tuple(size):
+            raise InputError("lesions", f"lesion mask on a {tuple(m.image_size)} grid, expected {tuple(size)}")
+        h, w = m.mask.shape
+        for layer, canvas in zip(layers, taken):
+            if not (canvas[m.y0:m.y0 + h, m.x0:m.x0 + w] & m.mask).any():
+                break
+        else:
+            layers.append([])
+            taken.append(np.zeros(size, dtype=bool))
+            layer, canvas = layers[-1], taken[-1]
+        layer.append(k)
+        m.paste_into(canvas, True)
+    return layers
+
+
+def _label_map(masks: list[CroppedMask], indices: list[int], size: tuple[int, int]) -> np.ndarray:
     labels = np.zeros(size, dtype=np.int32)
-    for k, comp in enumerate(components, start=1):
-        if comp.mask.image_size != tuple(size):
-            raise InputError("lesions", f"component mask on a {comp.mask.image_size} grid, geometry output is {size}")
-        comp.mask.paste_into(labels, k)
+    for k in indices:
+        masks[k].paste_into(labels, k + 1)
     return labels
 
 
 def lesions_to_original(components: list[LesionComponent], geometry: Geometry) -> list[PredictedLesion]:
     """Map prepared-grid components back to the original image: ``PredictedLesion`` (box through
     ``geometry.inverse_boxes`` clipped to the image, area in original pixels) carrying its mask on the
-    original grid. Components that map outside the original image (drawn on padding) are dropped."""
+    original grid. Components that map outside the original image (drawn on padding) are dropped.
+    One int32 label map per layer of disjoint components (``disjoint_layers``) goes through
+    ``geometry.inverse_array(kind="nearest")``: one resize for a segmentation's components, whatever their count."""
     if not components:
         return []
     size = tuple(geometry.size)
-    orig = geometry.inverse_array(_label_map(components, size), kind="nearest")
+    masks = [c.mask for c in components]
     oh, ow = geometry.source_size
     boxes = geometry.inverse_boxes([c.box for c in components])
-    out = []
-    for k, (comp, box) in enumerate(zip(components, boxes), start=1):
-        x0, y0 = np.clip(box[:2], 0, [ow, oh])
-        x1, y1 = np.clip(box[2:], 0, [ow, oh])
-        # The mask lies inside the mapped box up to rounding of nearest-neighbour resampling: cut with a margin.
-        cx0, cy0 = max(int(np.floor(x0)) - 1, 0), max(int(np.floor(y0)) - 1, 0)
-        cx1, cy1 = min(int(np.ceil(x1)) + 1, ow), min(int(np.ceil(y1)) + 1, oh)
-        region = orig[cy0:cy1, cx0:cx1] == k
-        area = int(np.count_nonzero(region))
-        if area == 0 or x1 <= x0 or y1 <= y0:
-            continue
-        out.append(PredictedLesion(box=(x0, y0, x1, y1), score=comp.score, label=comp.label,
-                                   class_probabilities=dict(comp.class_probabilities), area=float(area),
-                                   mask=CroppedMask(region, cx0, cy0, (oh, ow))))
-    return out
+    found: dict[int, PredictedLesion] = {}
+    for layer in disjoint_layers(masks, size):
+        orig = geometry.inverse_array(_label_map(masks, layer, size), kind="nearest")
+        for k in layer:
+            comp, box = components[k], boxes[k]
+            x0, y0 = np.clip(box[:2], 0, [ow, oh])
+            x1, y1 = np.clip(box[2:], 0, [ow, oh])
+            # The mask lies inside the mapped box up to rounding of nearest-neighbour resampling: cut with a margin.
+            cx0, cy0 = max(int(np.floor(x0)) - 1, 0), max(int(np.floor(y0)) - 1, 0)
+            cx1, cy1 = min(int(np.ceil(x1)) + 1, ow), min(int(np.ceil(y1)) + 1, oh)
+            region = orig[cy0:cy1, cx0:cx1] == k + 1
+            area = int(np.count_nonzero(region))
+            if area == 0 or x1 <= x0 or y1 <= y0:
+                continue
+            found[k] = PredictedLesion(box=(x0, y0, x1, y1), score=comp.score, label=comp.label,
+                                       class_probabilities=dict(comp.class_probabilities), area=float(area),
+                                       mask=CroppedMask(region, cx0, cy0, (oh, ow)))
+    return [found[k] for k in sorted(found)]
 
 
 def lesions_to_prepared(lesions: list[PredictedLesion], geometry: Geometry) -> list[LesionComponent]:
     """Map original-grid lesions (each with its ``mask``) onto the geometry's output (prepared) grid,
-    where evaluation's ground truth lives: the inverse of ``lesions_to_original``, the same way round.
-
-    Like it, ONE int32 label map goes through ``geometry.forward_array(kind="nearest")``: one resize
-    whatever the number of lesions (a predictions JSON holds up to 100 candidates). The lesions of one
-    prediction come from one threshold, so they are disjoint; were two to overlap, the later one would
-    keep the shared pixels. Lesions that fall outside the prepared image (cropped away) are dropped;
-    box and area are those of the mapped mask."""
+    where evaluation's ground truth lives: the inverse of ``lesions_to_original``, the same way round
+    (one label map per layer of disjoint masks through ``geometry.forward_array(kind="nearest")``).
+    Lesions that fall outside the prepared image (cropped away) are dropped; box and area are those
+    of the mapped mask."""
     if not lesions:
         return []
     source = tuple(geometry.source_size)
-    painted = np.zeros(source, dtype=np.int32)
     for k, les in enumerate(lesions, start=1):
         if les.mask is None:
             raise InputError("lesions", f"lesion {k} has no mask to map")
-        if tuple(les.mask.image_size) != source:
-            raise InputError("lesions", f"lesion mask on a {tuple(les.mask.image_size)} grid, the image is {source}")
-        les.mask.paste_into(painted, k)
-    mapped = geometry.forward_array(painted, kind="nearest")
-    size = tuple(int(v) for v in mapped.shape[:2])
-    out = []
-    for k, (les, window) in enumerate(zip(lesions, scipy.ndimage.find_objects(mapped, max_label=len(lesions))), start=1):
-        if window is None:
-            continue
-        region = mapped[window] == k
-        y, x = window[0].start, window[1].start
-        h, w = region.shape
-        out.append(LesionComponent(mask=CroppedMask(region, x, y, size), box=(x, y, x + w, y + h),
-                                   area=int(np.count_nonzero(region)), score=les.score, label=les.label,
-                                   class_probabilities=dict(les.class_probabilities)))
-    return out
+    masks = [les.mask for les in lesions]
+    found: dict[int, LesionComponent] = {}
+    for layer in disjoint_layers(masks, source):
+        mapped = geometry.forward_array(_label_map(masks, layer, source), kind="nearest")
+        size = tuple(int(v) for v in mapped.shape[:2])
+        windows = scipy.ndimage.find_objects(mapped, max_label=len(lesions))
+        for k in layer:
+            window = windows[k]
+            if window is None:
+                continue
+            les = lesions[k]
+            region = mapped[window] == k + 1
+            y, x = window[0].start, window[1].start
+            h, w = region.shape
+            found[k] = LesionComponent(mask=CroppedMask(region, x, y, size), box=(x, y, x + w, y + h),
+                                       area=int(np.count_nonzero(region)), score=les.score, label=les.label,
+                                       class_probabilities=dict(les.class_probabilities))
+    return [found[k] for k in sorted(found)]
 
 
 def union_mask_original(lesions: list[PredictedLesion], image_size: tuple[int, int]) -> np.ndarray:
