@@ -308,7 +308,8 @@ def test_the_hit_rule_reaches_the_written_report(data, tmp_path):
     assert result.exit_code == 0, result.output
     det = json.loads((tmp_path / "e" / "metrics.json").read_text())["detection"]
     assert det["hit_rule"] == "iou0.5" and det["iou_threshold"] == 0.5
-    coco = det["coco"]  # COCO AP of the same candidates, boxes and masks
+    coco = det["coco"]  # COCO AP of a segmentation model's own scored components, boxes and masks
+    assert coco["ranked"] == "the model's output components"
     assert coco["n_lesions"] == N_LESIONS and 0.0 < coco["mask"]["AP50"] <= 1.0 and 0.0 < coco["box"]["AP"] <= 1.0
     assert "Hit rule: **iou0.5**" in (tmp_path / "e" / "metrics.md").read_text()
     import cv2 as _cv2

@@ -77,7 +77,7 @@ def detection_markdown(det: DetectionReport, level: str = "##") -> list[str]:
              + (f" ({'; '.join(f'{n}: {why}' for why, n in det.lost_in_preprocessing.items())})" if det.n_lesions_lost else "")
              + ".", "",
              f"Hit rule: **{det.hit_rule}** (see the rules below).", "",
-             *([f"COCO AP of the same components (class-agnostic, pycocotools): boxes AP {_fmt((det.coco['box'] or {}).get('AP'))}, "
+             *([f"COCO AP of {det.coco.get('ranked') or 'the same components'} (class-agnostic, pycocotools): boxes AP {_fmt((det.coco['box'] or {}).get('AP'))}, "
                 f"AP50 {_fmt((det.coco['box'] or {}).get('AP50'))}, AP75 {_fmt((det.coco['box'] or {}).get('AP75'))}; masks AP "
                 f"{_fmt((det.coco['mask'] or {}).get('AP'))}, AP50 {_fmt((det.coco['mask'] or {}).get('AP50'))}, AP75 "
                 f"{_fmt((det.coco['mask'] or {}).get('AP75'))}.", ""] if det.coco else []),

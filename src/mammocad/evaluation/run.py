@@ -249,6 +249,9 @@ def _evaluate(source: Any, prepared_dir: str | Path, split: str, fold: int, *, s
             yield EvalItem(case_id=pc.case_id, patient_id=pc.patient_id, gt=gt, pred=scored.label_map,
                            image_label=pc.label, breast_mask=ds.load_breast_mask(pc), lesion_masks=lesion_masks,
                            components=scored.candidates, operating_components=scored.lesions,
+                           # predictions made before the task was recorded were all segmentation
+                           coco_components=scored.lesions if prediction.attributes.get("task", "segment") == "segment"
+                           else None,
                            lost_lesions=dict(pc.lost_lesions))
 
     with progress_bar(console, progress, remaining=False) as bar:

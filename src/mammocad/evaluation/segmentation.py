@@ -75,6 +75,10 @@ class EvalItem:
     components: list[LesionComponent] | None = None
     operating_components: list[LesionComponent] | None = None
     lost_lesions: dict[int, str] | None = None
+    # what COCO AP ranks (default: ``components``). A segmentation model's candidates are blobs of
+    # lesion probability >= 0.05, wider than any lesion, so its COCO AP is taken over its own output
+    # components (scored); a detector's candidates are its instances.
+    coco_components: list[LesionComponent] | None = None
 
 
 @dataclass
@@ -229,6 +233,7 @@ def evaluate_segmentation(items: Iterable[EvalItem], class_names: Sequence[str],
     class_names = [str(c) for c in class_names]
     hit = HitRule.parse(hit)
     coco = CocoAccumulator() if coco_ap else None  # COCO AP of the same components, class-agnostic
+    coco_ranked: set[str] = set()
     if len(class_names) < 2:
         raise InputError(None, f"need a background class and at least one lesion class, got {class_names}")
     results: list[ImageResult] = []
@@ -246,9 +251,10 @@ def evaluate_segmentation(items: Iterable[EvalItem], class_names: Sequence[str],
                                                       item.lesion_masks, item.components, item.operating_components,
                                                       dict(item.lost_lesions or {})), hit))
             if coco is not None:
+                coco_ranked.add("the model's output components" if item.coco_components is not None else "the candidates")
                 lost = dict(item.lost_lesions or {})
                 coco.add(item.gt.shape[:2], [None if k in lost else m for k, m in enumerate(item.lesion_masks)],
-                         item.components)
+                         item.components if item.coco_components is None else item.coco_components)
     if not results:
         raise InputError(None, "no images to evaluate")
     boot = {"n_boot": n_boot, "seed": seed, "confidence": confidence}
@@ -326,7 +332,7 @@ def evaluate_segmentation(items: Iterable[EvalItem], class_names: Sequence[str],
         detection = evaluate_matched(matched, fp_rates=fp_rates, hit=hit, **boot,
                                      components_scored=components_scored, operating_settings=operating_settings)
         if coco is not None:
-            detection.coco = coco.result()
+            detection.coco = {**coco.result(), "ranked": " and ".join(sorted(coco_ranked))}
     return SegmentationReport(
         class_names=class_names, n_images=len(results), n_patients=len(groups),
         counts={"lesion_images": int((cat == LESION_IMAGE).sum()), "both_empty": int((cat == BOTH_EMPTY).sum()),

@@ -165,7 +165,8 @@ class Predictor:
         if image_modality in ("MG", "US") and image_modality != spec.modality:
             notes.append(f"the image's DICOM modality is {image_modality} but the model {self.name} is for {spec.modality}")
         attributes = {
-            "modality": spec.modality, "image_modality": image_modality, "class_names": list(self.settings.class_names),
+            "task": self.card.task, "modality": spec.modality, "image_modality": image_modality,
+            "class_names": list(self.settings.class_names),
             "threshold": self.settings.threshold, "min_area_prepared_pixels": self.settings.min_area,
             "max_lesions": self.settings.max_lesions,
             "max_lesion_probability": self.task.max_score(raw, pre.breast_mask),
