@@ -118,6 +118,7 @@ def main() -> None:
     ap.add_argument("--cv", type=Path, required=True, help="the `mammocad cv` folder of the same config (its cv.json)")
     ap.add_argument("--cv-command", default="", help="the command that made --cv (written into the card)")
     ap.add_argument("--weights-dtype", default="float16", choices=["float32", "float16", "bfloat16"])
+    ap.add_argument("--limitation", action="append", default=[], help="a measured limitation to add to the card")
     args = ap.parse_args()
     cfg = load_config(args.config)
     model, card_model = load_bundle(args.bundle)
@@ -137,6 +138,7 @@ def main() -> None:
     for ext in (cv.get("external") or {}).values():
         ext["prepared"] = Path(ext["prepared"]).name
     card["cross_validation"] = cv
+    card["limitations"] = list(card.get("limitations") or []) + list(args.limitation)
     card["validation_protocol"] = ("cross_validation: patient-grouped k-fold (`mammocad cv`), every development image "
                                    "scored once by the model of the fold that never saw its patient, checkpoint chosen "
                                    "on a carve of the training patients, threshold fixed beforehand; validation: the "
