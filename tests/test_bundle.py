@@ -165,12 +165,17 @@ def test_sizes_are_bounded_before_anything_is_built(tmp_path, monkeypatch):
 
 def test_shipped_cards_validate_and_their_weights_match():
     names = list_bundles()
-    assert {"mammo-lesion-seg", "us-lesion-seg"} <= set(names)
+    assert {"mammo-lesion-seg", "mammo-lesion-det", "us-lesion-seg"} <= set(names)
     for name in names:
         c = read_card(name)
-        assert c.task == "segment" and c.weights_sha256 is not None
+        assert c.weights_sha256 is not None
         model, _ = load_bundle(name)  # the hash is checked
         assert model.num_classes == len(c.class_names) - 1
+        assert c.task == getattr(model, "task", "segment")
+        if "cross_validation" in (c.model_extra or {}):  # a cross-validated card names its recipe and folds
+            cv = c.model_extra["cross_validation"]
+            assert cv["n_folds"] >= 3 and cv["config"].startswith("configs/") and cv["command"].startswith("mammocad cv")
+            assert c.model_extra["weights_dtype"] == "float16" and c.tiling.autocast == "fp32"
 
 
 # ---- a Predictor shared by threads -------------------------------------------------------------

@@ -30,8 +30,8 @@ def test_shipped_unet_bundles_load_strictly_and_predict_as_before():
     """``encoder=None`` is the original U-Net: the shipped bundles (``unet`` without encoder) load
     strictly (load_bundle uses strict=True) and give the logits they gave before the encoder
     variants existed (fingerprints measured at commit 5a2294d on this input)."""
-    before = {"mammo-lesion-seg": (-32138.865463018417, -7.02689790725708, -11.540674209594727),
-              "us-lesion-seg": (-31286.99617624283, -6.242475986480713, -7.336153030395508)}
+    # us-lesion-seg 2.0 is a Lite0 U-Net (pinned below)
+    before = {"mammo-lesion-seg": (-32138.865463018417, -7.02689790725708, -11.540674209594727)}
     x = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
     for name, (total, at_10_10, at_40_50) in before.items():
         model, _ = load_bundle(name)
@@ -41,6 +41,20 @@ def test_shipped_unet_bundles_load_strictly_and_predict_as_before():
         assert y.double().sum().item() == pytest.approx(total, rel=1e-5)
         assert y[0, 0, 10, 10].item() == pytest.approx(at_10_10, abs=1e-4)
         assert y[0, 0, 40, 50].item() == pytest.approx(at_40_50, abs=1e-4)
+
+
+def test_shipped_lite0_unet_bundle_predicts_as_shipped():
+    """us-lesion-seg 2.0 (Lite0 U-Net, fp16 weights): rebuilt with pretrained=False, loaded strictly,
+    the logits it gave when shipped (measured on this input; its sigmoid is within 2.7e-3 of the
+    fp32 training run's)."""
+    model, card = load_bundle("us-lesion-seg")
+    assert model_config(model)["kwargs"]["encoder"] == "efficientnet_lite0" and card.model_extra["weights_dtype"] == "float16"
+    x = torch.rand(1, 1, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        y = model(x)
+    assert y.double().sum().item() == pytest.approx(-10529.330715022981, rel=1e-4)
+    assert y[0, 0, 10, 10].item() == pytest.approx(-2.8902862071990967, abs=1e-3)
+    assert y[0, 0, 40, 50].item() == pytest.approx(-3.2679386138916016, abs=1e-3)
 
 
 def test_pretrained_encoder_gets_the_packaged_imagenet_weights():

@@ -149,7 +149,7 @@ def test_shipped_models_keep_the_preprocessing_they_were_trained_with():
     import mammocad
 
     cards = sorted((Path(mammocad.__file__).parent / "bundles").glob("*/model.json"))
-    assert len(cards) == 2
+    assert len(cards) == 3
     for card in cards:
         assert json.loads(card.read_text())["preprocessing"]["intensity_percentile"] == 100.0, card
 
