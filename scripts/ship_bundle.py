@@ -124,8 +124,7 @@ def main() -> None:
     model, card_model = load_bundle(args.bundle)
     card = card_model.to_json()
     trained, wanted = resume_key(parse_config(card["config"])), resume_key(cfg)
-    for key in ("data",):  # the final run trains on another split of the same data
-        trained.pop(key), wanted.pop(key)
+    trained.pop("data"), wanted.pop("data")  # the final run trains on another split of the same data
     if trained != wanted:
         raise SystemExit(f"{args.bundle}: was not trained with the recipe of {args.config}")
     card["tiling"]["autocast"] = inference_autocast(cfg)  # runs that started before cards recorded it

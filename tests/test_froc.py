@@ -246,23 +246,25 @@ def test_predictions_are_matched_by_content_not_by_path_parts(data, tmp_path):
     assert metrics(tmp_path / "ev_both") == metrics(tmp_path / "ev_one")
 
 
-def test_a_changed_image_is_refused(tmp_path, data):
+def _two_predicted_cases(tmp_path, data):
+    """(raw folder, prepared dataset, predictions) of the first two cases."""
     raw = write_raw(tmp_path / "raw", cases=CASES[:2])
     prepared = tmp_path / "prepared"
     prepare_dataset("folder", raw, prepared, spec=SPEC, workers=1, progress=False)
     preds = tmp_path / "preds"
     predict_files([raw / "images"], preds, model=data["bundle"], autocast="fp32", progress=False)
+    return raw, prepared, preds
+
+
+def test_a_changed_image_is_refused(tmp_path, data):
+    raw, prepared, preds = _two_predicted_cases(tmp_path, data)
     cv2.imwrite(str(raw / "images" / "b.png"), film("R", [(170, 150, 12, 0.9)]))  # same path, new content
     with pytest.raises(InputError, match=r"b\.json: predicts .*b\.png as it was .* now has other content"):
         evaluate_prepared(preds, prepared, split="all", n_boot=0)
 
 
 def test_an_unreadable_case_image_is_matched_by_path(tmp_path, data):
-    raw = write_raw(tmp_path / "raw", cases=CASES[:2])
-    prepared = tmp_path / "prepared"
-    prepare_dataset("folder", raw, prepared, spec=SPEC, workers=1, progress=False)
-    preds = tmp_path / "preds"
-    predict_files([raw / "images"], preds, model=data["bundle"], autocast="fp32", progress=False)
+    raw, prepared, preds = _two_predicted_cases(tmp_path, data)
     (raw / "images" / "a.png").rename(tmp_path / "elsewhere.png")  # the original is gone from here
     report = evaluate_prepared(preds, prepared, split="all", n_boot=0, progress=False)
     assert any("1 case(s) matched to their prediction by resolved path (and size) only" in n for n in report.notes)

@@ -29,6 +29,7 @@ It lives in the evaluation layer because it scores (it imports training, a lower
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import re
@@ -251,16 +252,13 @@ def _train_fold(cfg: Any, run_dir: Path, device: str, progress: bool) -> Path:
     bundle = run_dir / BUNDLE_DIR
     if (bundle / CARD_FILE).is_file():
         return bundle
-    try:
-        claim = claim_output_dir(run_dir, "train")
-        claim.__enter__()
-    except InputError as err:
-        raise FoldBusy(run_dir, err.cause) from None
-    try:
-        if not (bundle / CARD_FILE).is_file():  # finished by another process while this one waited
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(claim_output_dir(run_dir, "train"))
+        except InputError as err:
+            raise FoldBusy(run_dir, err.cause) from None
+        if not (bundle / CARD_FILE).is_file():  # finished by another process since the check above
             run_training(cfg, run_dir, resume=(run_dir / CHECKPOINT_STATE).is_file(), device=device, progress=progress)
-    finally:
-        claim.__exit__(None, None, None)
     if not (bundle / CARD_FILE).is_file():
         raise InputError(run_dir, f"fold {cfg.data.fold} wrote no bundle (interrupted, or the time budget ended before "
                                   "an epoch); run `mammocad cv` again to resume it")

@@ -106,7 +106,7 @@ class Predictor:
         self.channel_names = self.task.output_names(self.model, self.settings)
         self.batch_size = int(batch_size or self.settings.batch_size)
         # "auto" follows the card: a model validated in fp32 is not run in bf16 behind its back
-        self.autocast = card.tiling.autocast if autocast == "auto" and card.tiling.autocast != "auto" else autocast
+        self.autocast = card.tiling.autocast if autocast == "auto" else autocast
         self.voi = voi
 
     @property

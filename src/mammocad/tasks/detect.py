@@ -72,8 +72,6 @@ def output_names(model: nn.Module, settings: InferenceSettings) -> tuple[str, ..
     if int(getattr(model, "num_classes", len(names))) != len(names):
         raise ConfigError(settings.name, f"model detects {model.num_classes} class(es) but the card names "
                                          f"{list(settings.class_names)}")
-    if settings.mode not in MODES:
-        raise ConfigError(settings.name, f"tiling mode {settings.mode!r} is not one of {', '.join(MODES)} for detection")
     return names
 
 
@@ -187,15 +185,17 @@ def merge_instances(raw: list[dict[str, Any]], image_size: tuple[int, int], n_cl
     h, w = image_size
     order = sorted(range(len(raw)), key=lambda i: -raw[i]["score"])
     boxes = np.array([raw[i]["box"] for i in order], dtype=np.float64).reshape(-1, 4)
-    windows = [(raw[i].get("source") or (0, 0, False))[:2] for i in order]  # (y, x) of the window: flips share it
+    # the window of each instance, as an integer id ((y, x) in the image: a flipped pass shares it)
+    window_ids = {}
+    windows = np.array([window_ids.setdefault((raw[i].get("source") or (0, 0, False))[:2], len(window_ids))
+                        for i in order], dtype=np.int64)
     taken = np.zeros(len(order), dtype=bool)
     groups: list[tuple[float, np.ndarray, CroppedMask]] = []
     for a in range(len(order)):
         if taken[a]:
             continue
         # every instance before ``a`` is taken (sorted by score): a group is ``a`` and the untaken overlapping it
-        other_window = np.array([windows[m] != windows[a] for m in range(len(order))], dtype=bool)
-        idx = np.union1d(np.flatnonzero(~taken & _same_lesion(boxes[a], boxes, other_window)), [a])
+        idx = np.union1d(np.flatnonzero(~taken & _same_lesion(boxes[a], boxes, windows != windows[a])), [a])
         taken[idx] = True
         members = [raw[order[m]] for m in idx]
         per_source: dict[Any, np.ndarray] = {}
@@ -298,7 +298,7 @@ def predict_label_map(model: nn.Module, pixels: np.ndarray, breast_mask: np.ndar
                       *, autocast: str = "fp32") -> tuple[np.ndarray, list[LesionComponent], list[LesionComponent]]:
     """(label map of the lesions, lesions, candidates) of a prepared image, as the bundle predicts it."""
     found = infer(model, pixels, breast_mask, settings, autocast=autocast)
-    names = tuple(settings.class_names[1:])
+    names = output_names(model, settings)
     lesions = find_lesions(found, breast_mask, settings, names)
     candidates, _ = find_candidates(found, breast_mask, settings, names)
     return lesion_label_map(lesions, pixels.shape, settings.class_names), lesions, candidates
