@@ -100,6 +100,17 @@ def prepare(
 
 
 @app.command()
+def combine(
+    out_dir: Path = typer.Argument(..., help="where the combined prepared dataset goes"),
+    sources: list[Path] = typer.Argument(..., help="two or more prepared datasets, prepared with the same options"),
+) -> None:
+    """Combine prepared datasets (e.g. BUSI and BUS-BRA) into one, to train and split them together."""
+    from mammocad.datasets.combine import combine_prepared
+
+    combine_prepared(sources, out_dir).print_summary()
+
+
+@app.command()
 def split(
     prepared_dir: Path = typer.Argument(..., help="a prepared dataset"),
     val: float = typer.Option(0.15, help="validation fraction (by patient)"),

@@ -4,7 +4,7 @@
 grouped by PATIENT, always::
 
     {"version": 1, "seed": 0, "method": "fractions" | "kfold" | "official" | "official_folds" | "cv",
-     "group_by": "patient", "stratify_by": "label",
+     "group_by": "patient", "stratify_by": "label" | "dataset+label" (a combined dataset),
      "parameters": {"val": .., "test": .., "folds": .., "official": .., "keep_crossing": .., "official_folds": ..},
      "folds": [{"train": [case ids], "val": [...], "test": [...]}, ...],
      "dropped": {"patients": [...], "reason": ...}, "crossing_patients": [...],
@@ -212,6 +212,12 @@ def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15,
     for c in pool:
         by_patient[c.patient_id].append(c.case_id)
     plabels = patient_labels(pool)
+    # A combined dataset (``mammocad combine``) is stratified by source too, so that every fold holds
+    # its share of each source (BUSI's 91 images would otherwise fall unevenly among 1,252 of BUS-BRA).
+    multi_source = len({c.dataset for c in pool}) > 1
+    if multi_source:
+        source_of = {c.patient_id: c.dataset for c in pool}
+        plabels = {p: f"{source_of[p]}/{lab}" for p, lab in plabels.items()}
     patients, labels = list(plabels), list(plabels.values())
 
     def ids(pats: list[str]) -> list[str]:
@@ -247,7 +253,8 @@ def make_splits(prepared_dir: str | Path, val: float = 0.15, test: float = 0.15,
         method = "official" if official else "fractions"
     by_id = {c.case_id: c for c in cases}
     data = {
-        "version": 1, "seed": seed, "method": method, "group_by": "patient", "stratify_by": "label",
+        "version": 1, "seed": seed, "method": method, "group_by": "patient",
+        "stratify_by": "dataset+label" if multi_source else "label",
         "parameters": {"val": None if folds and not cv else val, "test": None if official or official_folds or cv else test, "folds": folds,
                        "official": official, "keep_crossing": keep_crossing, "official_folds": official_folds,
                        **({"cv": True} if cv else {})},

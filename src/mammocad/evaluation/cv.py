@@ -98,6 +98,19 @@ def summarize(values: list[float | None], confidence: float = 0.95) -> dict[str,
     return out
 
 
+def source_metrics(metrics: dict[str, Any], dataset_of: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Per source dataset of a combined prepared dataset: the mean Dice / IoU over its lesion images,
+    from the report's per-image rows (``dataset_of``: case id -> ``Case.dataset``)."""
+    rows: dict[str, list[dict[str, Any]]] = {}
+    for r in metrics.get("per_image", []):
+        if r.get("category") == "lesion" and r.get("dice") is not None:
+            rows.setdefault(dataset_of.get(r["case_id"], "?"), []).append(r)
+    return {name: {"headline": {"dice_lesion_images_mean": {"value": sum(r["dice"] for r in rs) / len(rs)},
+                                "iou_lesion_images_mean": {"value": sum(r["iou"] for r in rs) / len(rs)}},
+                   "n_lesion_images": len(rs)}
+            for name, rs in sorted(rows.items())}
+
+
 def fold_table(fold_metrics: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """{metric: summarize(its value in each fold)} for the metrics present in at least one fold."""
     table = {}
@@ -294,6 +307,8 @@ def write_table(cfg: Any, config: str | Path, out: Path, splits_path: Path, n: i
     """``cv.json`` and ``cv.md`` from the folds' metrics and training records."""
     import json
 
+    from mammocad.datasets.combine import case_datasets
+    from mammocad.datasets.prepared import PreparedDataset
     from mammocad.io.atomic import atomic_write_json, atomic_write_text
     from mammocad.io.discover import file_sha256
     from mammocad.models.bundle import CARD_FILE
@@ -326,7 +341,16 @@ def write_table(cfg: Any, config: str | Path, out: Path, splits_path: Path, n: i
         "metrics": fold_table(metrics),
         "training": training,
         "external": {},
+        "by_source": {},
     }
+    dataset_of = case_datasets(PreparedDataset(cfg.data.prepared))
+    if len(set(dataset_of.values())) > 1:  # a combined dataset: each source's figure too (issue 7.8's floors)
+        per_source = [source_metrics(m, dataset_of) for m in metrics]
+        for name in sorted({k for ps in per_source for k in ps}):
+            folds = [ps.get(name, {}) for ps in per_source]
+            table["by_source"][name] = {
+                "metrics": {k: v for k, v in fold_table(folds).items() if k in ("dice_lesion_images", "iou_lesion_images")},
+                "n_lesion_images": sum(f.get("n_lesion_images", 0) for f in folds)}
     for ext in externals:
         name = _external_name(ext)
         per_fold = [read_json(fold_dir(out, i) / f"external-{name}" / "metrics.json") for i in range(n)
@@ -356,6 +380,9 @@ def table_markdown(table: dict[str, Any]) -> str:
     lines = [f"# Cross-validation of {table['config']}", "",
              f"{n} folds ({table['splits']['method']}, splits {table['splits']['path']}). {table['protocol']}.", "",
              *_rows(table["metrics"], n), ""]
+    for name, src in table.get("by_source", {}).items():
+        lines += [f"## Source {name}: its {src['n_lesion_images']} lesion images, scored in their folds", "",
+                  *_rows(src["metrics"], n), ""]
     for name, ext in table["external"].items():
         lines += [f"## Scored on all of {ext['prepared']} (another source) by each fold's model", "",
                   *_rows(ext["metrics"], n), ""]
