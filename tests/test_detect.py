@@ -248,3 +248,47 @@ def test_predict_command_writes_detections_on_the_original_grid(workdir, trained
     record = json.loads((tmp_path / "pred" / "img0.json").read_text())
     assert record["model_name"] == "tiny-det" and record["image_size"] == [96, 80]
     assert "candidates" in record
+
+
+def test_masks_pasted_in_their_boxes_equal_torchvisions_full_canvas():
+    """``mask_in_box`` makes, for a region, exactly the pixels torchvision's full-image paste makes."""
+    from torchvision.models.detection.roi_heads import paste_masks_in_image
+
+    from mammocad.tasks.detect import mask_in_box
+
+    g = torch.Generator().manual_seed(0)
+    h, w = 70, 90
+    masks = torch.rand(6, 1, 28, 28, generator=g)
+    boxes = torch.tensor([[10.3, 5.7, 40.2, 30.9], [0.0, 0.0, 12.5, 8.1], [60.4, 50.2, 90.0, 70.0],
+                          [33.0, 33.0, 33.9, 34.2], [0.0, 20.0, 90.0, 21.0], [5.5, 1.5, 88.8, 68.8]])
+    full = paste_masks_in_image(masks, boxes, (h, w))[:, 0].numpy()
+    for j, box in enumerate(boxes.numpy()):
+        x0, y0 = int(np.floor(box[0])), int(np.floor(box[1]))
+        x1, y1 = min(max(int(np.ceil(box[2])), x0 + 1), w), min(max(int(np.ceil(box[3])), y0 + 1), h)
+        assert np.array_equal(mask_in_box(masks[j, 0], box, (y0, x0, y1, x1)), full[j, y0:y1, x0:x1])
+        assert np.array_equal(mask_in_box(masks[j, 0], box, (0, 0, h, w)), full[j])  # beyond the box: zeros
+
+
+def test_a_trained_detector_finds_the_same_instances_without_full_image_masks(workdir, trained, monkeypatch):
+    import mammocad.tasks.detect as detect
+    from mammocad.datasets.prepared import PreparedDataset
+    from mammocad.models.bundle import load_bundle
+
+    model, _ = load_bundle(trained[1].bundle_dir)
+    model.roi_heads.score_thresh = 0.0  # a 3-epoch detector's scores are low: keep every instance to compare
+    ds = PreparedDataset(workdir / "prepared")
+    s = settings(mode="whole", tile=64, class_names=("background", "lesion"), threshold=0.05)
+    images = [ds.load_image(pc) for pc in ds.cases[:4]]
+    ours = [detect.infer(model, im, None, s, autocast="fp32") for im in images]
+
+    def pasted(model, images, bf16):  # torchvision's own postprocess: every mask on a full canvas
+        with torch.no_grad():
+            return model(images)
+
+    monkeypatch.setattr(detect, "_forward", pasted)
+    theirs = [detect.infer(model, im, None, s, autocast="fp32") for im in images]
+    assert sum(len(f) for f in ours) > 0
+    for a, b in zip(ours, theirs):
+        assert a.scores == pytest.approx(b.scores)
+        assert [m.box for m in a.masks] == [m.box for m in b.masks]
+        assert all(np.array_equal(m.mask, n.mask) for m, n in zip(a.masks, b.masks))

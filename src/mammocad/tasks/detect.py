@@ -40,6 +40,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from mammocad.datasets.targets import IGNORE_INDEX, build_target, split_case_ids
@@ -126,7 +127,32 @@ def _forward(model: nn.Module, images: list[torch.Tensor], bf16: bool) -> list[d
         features = {k: v.float() for k, v in features.items()}
         proposals, _ = model.rpn(batch, features)
         detections, _ = model.roi_heads(features, proposals, batch.image_sizes)
+    if [tuple(s) for s in batch.image_sizes] != sizes:  # a transform that resizes: map back its way
         return model.transform.postprocess(detections, batch.image_sizes, sizes)
+    # No resize to undo, and the masks stay at the head's M x M: ``_raw_instances`` pastes each into
+    # its own box only. torchvision's postprocess pastes every mask onto a full-image canvas, which
+    # at 1024 x 832 cost more than the whole network (2.5 of 4.4 s for 100 detections).
+    return detections
+
+
+def mask_in_box(mask: torch.Tensor, box: np.ndarray, region: tuple[int, int, int, int]) -> np.ndarray:
+    """The part ``region`` = (y0, x0, y1, x1) of what torchvision's ``paste_masks_in_image`` makes of
+    the head's M x M probability ``mask`` for ``box`` (x0, y0, x1, y1), without the full canvas: the
+    same padding by one pixel, box expansion, integer box and bilinear resize, so the pixels are equal."""
+    from torchvision.models.detection.roi_heads import expand_boxes, expand_masks
+
+    padded, scale = expand_masks(mask[None, None].float(), padding=1)
+    bx0, by0, bx1, by1 = (int(v) for v in expand_boxes(torch.as_tensor(box, dtype=torch.float32)[None], scale)
+                          .to(torch.int64)[0])
+    bw, bh = max(bx1 - bx0 + 1, 1), max(by1 - by0 + 1, 1)
+    y0, x0, y1, x1 = region
+    out = np.zeros((y1 - y0, x1 - x0), np.float32)
+    iy0, iy1 = max(by0, y0), min(by0 + bh, y1)  # the pasted box meets the region here
+    ix0, ix1 = max(bx0, x0), min(bx0 + bw, x1)
+    if iy1 > iy0 and ix1 > ix0:
+        resized = F.interpolate(padded, size=(bh, bw), mode="bilinear", align_corners=False)[0, 0]
+        out[iy0 - y0:iy1 - y0, ix0 - x0:ix1 - x0] = resized[iy0 - by0:iy1 - by0, ix0 - bx0:ix1 - bx0].numpy()
+    return out
 
 
 def _raw_instances(model: nn.Module, pixels: np.ndarray, windows: list[tuple[int, int, int, int]], flip: bool,
@@ -142,13 +168,18 @@ def _raw_instances(model: nn.Module, pixels: np.ndarray, windows: list[tuple[int
         results = _forward(model, tensors, bf16)
         for (y, x, h, w), r in zip(chunk, results):
             boxes = r["boxes"].float().cpu().numpy()
-            masks = r["masks"][:, 0].float().cpu().numpy() if "masks" in r else None
+            masks = r["masks"].float().cpu() if "masks" in r else None  # (N, 1, M, M), or pasted (N, 1, h, w)
             for j in range(len(boxes)):
                 bx0, by0, bx1, by1 = boxes[j]
                 cx0, cy0 = int(math.floor(bx0)), int(math.floor(by0))
                 cx1, cy1 = max(int(math.ceil(bx1)), cx0 + 1), max(int(math.ceil(by1)), cy0 + 1)
                 cx1, cy1 = min(cx1, w), min(cy1, h)
-                crop = (masks[j, cy0:cy1, cx0:cx1] if masks is not None else np.ones((cy1 - cy0, cx1 - cx0), np.float32))
+                if masks is None:
+                    crop = np.ones((cy1 - cy0, cx1 - cx0), np.float32)
+                elif masks.shape[-2:] == (h, w):  # already pasted onto the window
+                    crop = masks[j, 0, cy0:cy1, cx0:cx1].numpy()
+                else:
+                    crop = mask_in_box(masks[j, 0], boxes[j], (cy0, cx0, cy1, cx1))
                 box = np.array([bx0 + x, by0 + y, bx1 + x, by1 + y], dtype=np.float64)
                 left = cx0 + x
                 if flip:  # back to the unmirrored image
