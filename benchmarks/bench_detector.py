@@ -6,8 +6,12 @@ its own) measures:
 
 - eval latency on one 1024x832 grey image (a prepared mammogram, long side 1024): median of
   ``--runs`` after one warm-up, and where it goes (backbone, FPN, RPN, box head, mask head, mask
-  pasting at full size) -- with untrained heads every one of the ``box_detections_per_img`` (100)
-  slots is filled, the worst case for the mask head and the pasting, which cost per detection;
+  pasting at full size as torchvision does, and into each box as mammocad does) -- with untrained
+  heads every one of the ``box_detections_per_img`` (100) slots is filled, the worst case for the
+  mask head and the pasting, which cost per detection;
+- the path ``mammocad predict`` takes (``detect.infer``: whole image, masks pasted into their boxes,
+  merging), with the backbone in fp32 and in bf16, at 100 and at 30 detections (the shipped
+  detectors' ``box_detections_per_img``);
 - the same with torchvision's RPN test settings (pre/post NMS top-n 1000/1000 instead of 500/200)
   and with 20 detections per image, to show what those settings buy;
 - peak RSS (``ru_maxrss``) after building, after inference, and after training;
@@ -108,7 +112,25 @@ def worker(args: argparse.Namespace) -> None:
         parts["mask_head"] = both - parts["box_head"]
         parts["paste_masks"], _ = _median(
             lambda: model.transform.postprocess(dets, images.image_sizes, [tuple(x.shape[-2:])]), args.runs)
+        from mammocad.tasks import detect
+
+        def paste_in_boxes():  # what mammocad does instead: each mask into its own box
+            for m, b in zip(dets[0]["masks"], dets[0]["boxes"].numpy()):
+                x0, y0 = int(b[0]), int(b[1])
+                detect.mask_in_box(m[0], b, (y0, x0, max(int(b[3] + 1), y0 + 1), max(int(b[2] + 1), x0 + 1)))
+
+        parts["paste_in_boxes"], _ = _median(paste_in_boxes, args.runs)
         res["parts_s"] = parts
+        # the path `mammocad predict` takes: detect.infer on the whole image (merge, masks in boxes)
+        settings = detect.InferenceSettings(class_names=("background", "benign", "malignant"), threshold=0.5,
+                                            min_area=16, tile=1024, overlap=0.25, mode="whole", batch_size=1)
+        pixels = x[0].numpy()
+        for autocast in ("fp32", "bf16"):
+            for n_det in (rcnn.detections_per_img, 30):
+                keep, rcnn.detections_per_img = rcnn.detections_per_img, n_det
+                res[f"infer_{autocast}_{n_det}_s"], _ = _median(
+                    lambda: detect.infer(model, pixels, None, settings, autocast=autocast), args.runs)
+                rcnn.detections_per_img = keep
         # test-time settings: torchvision's RPN top-n, and fewer detections
         pre, post = dict(model.rpn._pre_nms_top_n), dict(model.rpn._post_nms_top_n)
         model.rpn._pre_nms_top_n["testing"], model.rpn._post_nms_top_n["testing"] = 1000, 1000
@@ -158,6 +180,9 @@ def main() -> None:
         print(f"  eval 1024x832 (defaults: RPN test top-n 500/200, {r['detections']} detections)  "
               f"{r['eval_s']:.3f} s" + ("  (target <= 0.6 s)" if backbone == "efficientnet_lite0" else ""))
         print(f"    stages (s): {parts}")
+        for key in sorted(k for k in r if k.startswith("infer_")):
+            _, autocast, n_det, _ = key.split("_")
+            print(f"  mammocad inference (detect.infer, {autocast} backbone, {n_det:>3} detections)      {r[key]:.3f} s")
         print(f"  eval with torchvision's RPN top-n 1000/1000              {r['eval_rpn_1000_1000_s']:.3f} s")
         print(f"  eval with box_detections_per_img 20                      {r['eval_20_detections_s']:.3f} s")
         print(f"  train step, 2 x 512x512 patches (forward+backward+SGD)   {r['train_step_s']:.3f} s")
