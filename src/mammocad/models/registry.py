@@ -1,11 +1,12 @@
 """Models by name, like timm's ``@register_model``, each registered with its task, plus the
 contract the segmentation models keep.
 
-``register_model(name, task)``: ``task`` is ``"segment"`` (the default) or e.g. ``"detect"``;
+``register_model(name, task)``: ``task`` is ``"segment"`` (the default), ``"detect"`` or ``"classify"``;
 ``model_task(name)`` says which, ``list_models()`` lists the segmentation models (what the contract
 below and ``tests/test_models.py`` iterate), ``list_models(None)`` every model. A detection model
 (``maskrcnn``) keeps the config, size-bound and fixed-parameter rules below but not the logits
-contract: it takes images and returns torchvision's detections (see ``models/maskrcnn.py``).
+contract: it takes images and returns torchvision's detections (see ``models/maskrcnn.py``); the
+classifiers (``classifier``, ``inception_v3``) return logits per image (see ``models/classifier.py``).
 
 Contract of every registered segmentation model (checked by ``tests/test_models.py`` over ``list_models()``):
 
@@ -44,7 +45,7 @@ from mammocad.errors import ConfigError, InputError
 
 ModelFactory = Callable[..., nn.Module]
 _MODELS: dict[str, ModelFactory] = {}
-_TASKS: dict[str, str] = {}  # model name -> its task ("segment", "detect")
+_TASKS: dict[str, str] = {}  # model name -> its task ("segment", "detect", "classify")
 INIT_ONLY_KWARGS = ("init_from", "weights_path", "pretrained")  # change weights, not the architecture
 NORMS = ("batch", "group", "instance", "none")
 # Bounds on architecture arguments, by name: a card or config asking for more is a typo or an attack
@@ -71,7 +72,7 @@ def register_model(name: str, task: str = "segment") -> Callable[[ModelFactory],
 
 def _load_builtin() -> None:
     # Importing the modules registers their factories; lazy so importing the registry is cheap.
-    from mammocad.models import baselines, deeplab, dilation, fcn, maskrcnn, unet  # noqa: F401
+    from mammocad.models import baselines, classifier, deeplab, dilation, fcn, maskrcnn, unet  # noqa: F401
 
 
 def list_models(task: str | None = "segment") -> list[str]:
