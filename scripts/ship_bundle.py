@@ -72,6 +72,9 @@ def model_card_markdown(card: dict) -> str:
                   f"{cv['protocol']}. Folds: {cv['splits']['method']} (seed {cv['splits']['seed']}); "
                   f"hit rule {cv.get('hit_rule')}. Reproduce: `{cv.get('command', '')}`.", "",
                   head, "|---|---|---|---|", *_cv_rows(cv["metrics"], CV_HEADLINE)]
+        for name, src in (cv.get("by_source") or {}).items():
+            lines += ["", f"### Source {name}: its {src['n_lesion_images']} lesion images, each scored in its test fold", "",
+                      head, "|---|---|---|---|", *_cv_rows(src["metrics"], CV_HEADLINE)]
         for name, ext in (cv.get("external") or {}).items():
             lines += ["", f"### Another source: every fold's model scored on all of {name} (never trained on)", "",
                       head, "|---|---|---|---|", *_cv_rows(ext["metrics"], CV_HEADLINE)]

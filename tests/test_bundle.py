@@ -76,8 +76,8 @@ def test_predict_and_evaluate_refuse_a_model_of_another_task(tmp_path):
     model = create_model("unet", num_classes=1, base_channels=4, depth=2)
     with pytest.raises(ConfigError, match="is a classify model; this command runs segment and detect models"):
         Predictor((model, card(task="classify", architecture=model.mammocad_config)), device="cpu")
-    with pytest.raises(ConfigError, match="task 'classify' is not available in this mammocad; known: detect, segment"):
-        get_task("classify")
+    with pytest.raises(ConfigError, match="task 'grade' is not available in this mammocad; known: classify, detect, segment"):
+        get_task("grade")
 
 
 def test_card_mistakes_are_one_line_errors_naming_the_key(tmp_path):

@@ -19,22 +19,30 @@ from tiny_prepared import make_tiny_prepared, write_config
 
 
 def test_the_registry_names_the_tasks_it_can_run():
-    assert list_tasks() == ["detect", "segment"]
-    for name in list_tasks():  # the interface Predictor and the engine use (``mammocad.tasks``)
+    assert list_tasks() == ["classify", "detect", "segment"]
+    for name in list_tasks():  # the interface the engine uses (``mammocad.tasks``)
         task = get_task(name)
         assert task.NAME == name
-        for fn in ("training", "model_outputs", "output_names", "infer", "find_lesions", "find_candidates", "max_score"):
+        for fn in ("training", "model_outputs", "output_names", "infer"):
             assert callable(getattr(task, fn)), (name, fn)
-    with pytest.raises(ConfigError, match=r"^model\.json: task 'classify' is not available in this mammocad; known: detect, segment$"):
-        get_task("classify", "model.json")
+    for name in ("detect", "segment"):  # lesion tasks: what Predictor uses
+        for fn in ("find_lesions", "find_candidates", "max_score"):
+            assert callable(getattr(get_task(name), fn)), (name, fn)
+    for fn in ("classify_patches", "classify_image"):  # a classifier's inference (detector -> classifier pipelines)
+        assert callable(getattr(get_task("classify"), fn)), fn
+    with pytest.raises(ConfigError, match=r"^model\.json: task 'rank' is not available in this mammocad; "
+                                          r"known: classify, detect, segment$"):
+        get_task("rank", "model.json")
 
 
 def test_the_config_picks_the_task_and_existing_configs_still_load():
     cfg = parse_config({"data": {"prepared": "p"}, "model": {"name": "unet"}}, "old.yaml")
     assert cfg.task == "segment" and cfg.to_json()["task"] == "segment"
     assert parse_config({"task": "detect", "data": {"prepared": "p"}, "model": {"name": "maskrcnn"}}, "d.yaml").task == "detect"
-    with pytest.raises(ConfigError, match=r"^new\.yaml: task: Input should be 'segment' or 'detect' \(got 'classify'\)$"):
-        parse_config({"task": "classify", "data": {"prepared": "p"}, "model": {"name": "unet"}}, "new.yaml")
+    assert parse_config({"task": "classify", "data": {"prepared": "p"}, "model": {"name": "classifier"}}, "c.yaml").task == "classify"
+    with pytest.raises(ConfigError, match=r"^new\.yaml: task: Input should be 'segment', 'detect' or 'classify' "
+                                          r"\(got 'rank'\)$"):
+        parse_config({"task": "rank", "data": {"prepared": "p"}, "model": {"name": "unet"}}, "new.yaml")
 
 
 def test_the_engine_runs_the_task_through_its_interface(tmp_path, monkeypatch):

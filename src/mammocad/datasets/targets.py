@@ -25,6 +25,15 @@ PATHOLOGY_LABELS = {2: {"benign": 1, "malignant": 1}, 3: {"benign": 1, "malignan
 UNKNOWN_CHOICES = {2: {"lesion": 1, "ignore": IGNORE_INDEX, "background": 0},
                    3: {"ignore": IGNORE_INDEX, "background": 0, "benign": 1, "malignant": 2}}
 DEFAULT_UNKNOWN = {2: "lesion", 3: "ignore"}
+# Classes of a classifier per ``classify.target`` (training config and model card): benign vs malignant
+# lesion patches; lesion-free tissue + kind x pathology (every kind but calcification counts as a mass:
+# distortions and asymmetries are soft-tissue findings, read like masses); whole-image labels.
+CLASSIFY_CLASSES = {
+    "pathology": ("benign", "malignant"),
+    "kind_pathology": ("background", "calcification-benign", "mass-benign", "calcification-malignant",
+                       "mass-malignant"),
+    "image": ("normal", "benign", "malignant"),
+}
 
 
 def split_case_ids(prepared: "PreparedDataset", fold: int = 0, split: str = "train",

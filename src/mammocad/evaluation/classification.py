@@ -45,8 +45,9 @@ from sklearn.metrics import (accuracy_score, balanced_accuracy_score, brier_scor
 
 from mammocad.errors import ConfigError, InputError
 from mammocad.evaluation.bootstrap import (DEFAULT_CONFIDENCE, DEFAULT_N_BOOT, DEFAULT_SEED, SINGLE_GROUP_NOTE,
-                                           ConfidenceInterval, MetricValue, bootstrap_ci, group_index,
+                                           MetricValue, bootstrap_ci, group_index,
                                            per_group_sum, ratio)
+from mammocad.evaluation.formatting import ci_text, figure_png, fmt, md_table, new_figure
 from mammocad.io.jsonutil import finite_or_none, json_clean
 
 DEFAULT_N_BINS = 10
@@ -540,26 +541,15 @@ _HEADLINE_NAMES = {
 }
 
 
-def _fmt(x: float | None, digits: int = 4) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
-def _ci_text(ci: ConfidenceInterval | None) -> str:
-    if ci is None:
-        return "—"
-    text = f"[{_fmt(ci.low)}, {_fmt(ci.high)}]"
-    if ci.degenerate:
-        return text + " (degenerate: 1 patient)"
-    return text + (f" ({ci.n_valid}/{ci.n_boot} resamples defined)" if ci.n_valid < ci.n_boot else "")
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def _auc_cells(auc: MetricValue | None) -> list[str]:
     """AUC and CI cells: blank where no AUC is scored (binary: only the positive class's row)."""
-    return ["", ""] if auc is None else [_fmt(auc.value), _ci_text(auc.ci)]
+    return ["", ""] if auc is None else [fmt(auc.value), ci_text(auc.ci)]
 
 
 def _markdown(rep: ClassificationReport) -> list[str]:
@@ -568,41 +558,41 @@ def _markdown(rep: ClassificationReport) -> list[str]:
              f"Images: {rep.n_images} from {rep.n_patients} patients; classes: {', '.join(rep.class_names)}"
              + (f"; positive class: {rep.positive_class}" if rep.positive_class else "") + ".", "",
              "## Headline metrics", ""]
-    lines += _table(["metric", "value", f"{conf}% CI", "n"],
-                    [[_HEADLINE_NAMES.get(k, k), _fmt(m.value), _ci_text(m.ci), str(m.n)]
+    lines += md_table(["metric", "value", f"{conf}% CI", "n"],
+                    [[_HEADLINE_NAMES.get(k, k), fmt(m.value), ci_text(m.ci), str(m.n)]
                      for k, m in rep.headline.items()])
     c = rep.confusion
     lines += ["", "## Per class", ""]
     rows = []
     for k, name in enumerate(rep.class_names):
-        rows.append([name, _fmt(c.precision[k]), _fmt(c.recall[k]), _fmt(c.f1[k]), str(int(c.support[k])),
+        rows.append([name, fmt(c.precision[k]), fmt(c.recall[k]), fmt(c.f1[k]), str(int(c.support[k])),
                      str(int(c.predicted[k]))] + _auc_cells(rep.roc_auc.get(name)))
     for average in ("macro", "weighted"):
         a = getattr(c, average)
-        rows.append([f"*{average}*", _fmt(a["precision"]), _fmt(a["recall"]), _fmt(a["f1"]), "", ""]
+        rows.append([f"*{average}*", fmt(a["precision"]), fmt(a["recall"]), fmt(a["f1"]), "", ""]
                     + _auc_cells(rep.roc_auc.get(average)))
-    lines += _table(["class", "precision", "recall", "F1", "support", "predicted", "ROC AUC", f"{conf}% CI"], rows)
+    lines += md_table(["class", "precision", "recall", "F1", "support", "predicted", "ROC AUC", f"{conf}% CI"], rows)
     lines += ["", "Confusion matrix (rows = truth, columns = prediction):", ""]
-    lines += _table(["truth \\ pred"] + rep.class_names,
+    lines += md_table(["truth \\ pred"] + rep.class_names,
                     [[name] + [str(int(v)) for v in row] for name, row in zip(rep.class_names, c.matrix)])
     if rep.delong is not None:
         d = rep.delong
         lines += ["", f"DeLong {int(round(d.confidence * 100))}% CI of the '{rep.positive_class}' ROC AUC "
-                      f"{_fmt(d.auc)}: [{_fmt(d.low)}, {_fmt(d.high)}] ({d.n_positive} positive, {d.n_negative} "
+                      f"{fmt(d.auc)}: [{fmt(d.low)}, {fmt(d.high)}] ({d.n_positive} positive, {d.n_negative} "
                       "negative images; images taken as independent)."]
     if rep.operating_points:
         lines += ["", f"## Operating points ('{rep.positive_class}' positive)", ""]
-        lines += _table(["fixed", "target", "achieved", "reported", "value", f"{conf}% CI", "threshold"],
-                        [[p.fixed, f"{p.target:g}", _fmt(p.achieved), p.reported, _fmt(p.value.value),
-                          _ci_text(p.value.ci), "inf (none positive)" if p.threshold is None else _fmt(p.threshold)]
+        lines += md_table(["fixed", "target", "achieved", "reported", "value", f"{conf}% CI", "threshold"],
+                        [[p.fixed, f"{p.target:g}", fmt(p.achieved), p.reported, fmt(p.value.value),
+                          ci_text(p.value.ci), "inf (none positive)" if p.threshold is None else fmt(p.threshold)]
                          for p in rep.operating_points])
     cal = rep.calibration
     if cal:
         lines += ["", "## Calibration", "",
-                  f"Brier score {_fmt(cal['brier'])}; ECE {_fmt(cal['ece'])} over {cal['n_bins']} bins of "
+                  f"Brier score {fmt(cal['brier'])}; ECE {fmt(cal['ece'])} over {cal['n_bins']} bins of "
                   f"{cal['probability']}.", ""]
-        lines += _table(["bin", "mean predicted", "observed frequency", "images"],
-                        [[f"{b.low:.2f}-{b.high:.2f}", _fmt(b.mean_predicted), _fmt(b.observed_frequency), str(b.count)]
+        lines += md_table(["bin", "mean predicted", "observed frequency", "images"],
+                        [[f"{b.low:.2f}-{b.high:.2f}", fmt(b.mean_predicted), fmt(b.observed_frequency), str(b.count)]
                          for b in cal["reliability"]])
     b = rep.bootstrap
     lines += ["", "## Rules", ""] + [f"- {r}" for r in rep.rules]
@@ -795,31 +785,17 @@ def _macro_auc(truth: np.ndarray, probs: np.ndarray, index: np.ndarray, n_groups
 # ---------------------------------------------------------------- figures
 
 
-def _figure():
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # lazy: matplotlib's import takes seconds
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4.5), dpi=100)
-    FigureCanvasAgg(fig)  # matplotlib's object API on the Agg canvas: no global backend is touched
-    return fig
 
 
-def _png(fig) -> bytes:
-    import io
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
 
 
 def roc_png(rep: ClassificationReport) -> bytes:
     """PNG of the ROC curve of each scored class (one-vs-rest with more than two classes) with its
     AUC, and the operating points marked."""
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     for name, curve in rep.roc_curves.items():
-        ax.plot(curve["fpr"], curve["tpr"], label=f"{name} (AUC {_fmt(rep.roc_auc[name].value, 3)})")
+        ax.plot(curve["fpr"], curve["tpr"], label=f"{name} (AUC {fmt(rep.roc_auc[name].value, 3)})")
     for p in rep.operating_points:
         sens, spec = (p.value.value, p.achieved) if p.fixed == "specificity" else (p.achieved, p.value.value)
         ax.plot([1.0 - spec], [sens], "o", markersize=5, label=f"{rep.positive_class}: {p.reported} at {p.fixed} {p.target:g}")
@@ -831,14 +807,14 @@ def roc_png(rep: ClassificationReport) -> bytes:
     ax.set_title(f"ROC: {rep.n_images} images, {rep.n_patients} patients", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def reliability_png(rep: ClassificationReport) -> bytes:
     """PNG of the reliability curve: observed frequency against mean predicted probability per bin,
     marker area by the bin's images, the diagonal = perfect calibration."""
     cal = rep.calibration
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     bins = cal.get("reliability", [])
     largest = max([b.count for b in bins] + [1])
@@ -850,7 +826,7 @@ def reliability_png(rep: ClassificationReport) -> bytes:
     ax.set_ylim(0, 1.02)
     ax.set_xlabel(f"mean predicted: {cal.get('probability', '')}", fontsize=8)
     ax.set_ylabel("observed frequency")
-    ax.set_title(f"Reliability: ECE {_fmt(cal.get('ece'), 3)}, Brier {_fmt(cal.get('brier'), 3)}", fontsize=10)
+    ax.set_title(f"Reliability: ECE {fmt(cal.get('ece'), 3)}, Brier {fmt(cal.get('brier'), 3)}", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    return _png(fig)
+    return figure_png(fig)

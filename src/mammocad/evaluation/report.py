@@ -5,12 +5,11 @@ lesion-level precision-recall curve of the same decisions)."""
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
-from mammocad.evaluation.bootstrap import MetricValue
 from mammocad.evaluation.lesion_detection import DetectionReport
 from mammocad.evaluation.segmentation import SegmentationReport
+from mammocad.evaluation.formatting import ci_text, figure_png, fmt, md_table, new_figure
 from mammocad.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 JSON_NAME, MARKDOWN_NAME, FROC_PNG, PR_PNG = "metrics.json", "metrics.md", "froc.png", "pr.png"
@@ -30,23 +29,10 @@ _HEADLINE_NAMES = {
 }
 
 
-def _fmt(x: float | None, digits: int = 4) -> str:
-    return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
 
 
-def _ci_text(m: MetricValue) -> str:
-    if m.ci is None:
-        return "—"
-    text = f"[{_fmt(m.ci.low)}, {_fmt(m.ci.high)}]"
-    if m.ci.degenerate:
-        text += " (degenerate: 1 patient)"
-    elif m.ci.n_valid < m.ci.n_boot:
-        text += f" ({m.ci.n_valid}/{m.ci.n_boot} resamples defined)"
-    return text
 
 
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
 
 
 def _value(x: object, none: str = "not recorded") -> str:
@@ -65,8 +51,8 @@ def components_text(scored: dict) -> str:
                 "the curve STOPS AT THE MODEL'S THRESHOLD")
     else:
         text = "the given components"
-    return (f"{text}; {scored.get('n_components', 0)} components, scores from {_fmt(scored.get('lowest_score'))} "
-            f"to {_fmt(scored.get('highest_score'))}")
+    return (f"{text}; {scored.get('n_components', 0)} components, scores from {fmt(scored.get('lowest_score'))} "
+            f"to {fmt(scored.get('highest_score'))}")
 
 
 def detection_markdown(det: DetectionReport, level: str = "##") -> list[str]:
@@ -77,21 +63,21 @@ def detection_markdown(det: DetectionReport, level: str = "##") -> list[str]:
              + (f" ({'; '.join(f'{n}: {why}' for why, n in det.lost_in_preprocessing.items())})" if det.n_lesions_lost else "")
              + ".", "",
              f"Hit rule: **{det.hit_rule}** (see the rules below).", "",
-             *([f"COCO AP of {det.coco.get('ranked') or 'the same components'} (class-agnostic, pycocotools): boxes AP {_fmt((det.coco['box'] or {}).get('AP'))}, "
-                f"AP50 {_fmt((det.coco['box'] or {}).get('AP50'))}, AP75 {_fmt((det.coco['box'] or {}).get('AP75'))}; masks AP "
-                f"{_fmt((det.coco['mask'] or {}).get('AP'))}, AP50 {_fmt((det.coco['mask'] or {}).get('AP50'))}, AP75 "
-                f"{_fmt((det.coco['mask'] or {}).get('AP75'))}.", ""] if det.coco else []),
+             *([f"COCO AP of {det.coco.get('ranked') or 'the same components'} (class-agnostic, pycocotools): boxes AP {fmt((det.coco['box'] or {}).get('AP'))}, "
+                f"AP50 {fmt((det.coco['box'] or {}).get('AP50'))}, AP75 {fmt((det.coco['box'] or {}).get('AP75'))}; masks AP "
+                f"{fmt((det.coco['mask'] or {}).get('AP'))}, AP50 {fmt((det.coco['mask'] or {}).get('AP50'))}, AP75 "
+                f"{fmt((det.coco['mask'] or {}).get('AP75'))}.", ""] if det.coco else []),
              f"Components scored: {components_text(det.components_scored)}.", "",
-             f"**Sensitivity at 1 FP/image: {_fmt(det.sensitivity_at_1fp.value)}**, 95% CI "
-             f"{_ci_text(det.sensitivity_at_1fp)}, threshold {_fmt(det.threshold_at_1fp)}", ""]
-    lines += _table(["FP/image ≤", "sensitivity", "score threshold"],
-                    [[f"{p['fp_per_image']:g}", _fmt(p["sensitivity"]), _fmt(p["threshold"])] for p in det.operating_points])
+             f"**Sensitivity at 1 FP/image: {fmt(det.sensitivity_at_1fp.value)}**, 95% CI "
+             f"{ci_text(det.sensitivity_at_1fp.ci)}, threshold {fmt(det.threshold_at_1fp)}", ""]
+    lines += md_table(["FP/image ≤", "sensitivity", "score threshold"],
+                    [[f"{p['fp_per_image']:g}", fmt(p["sensitivity"]), fmt(p["threshold"])] for p in det.operating_points])
     op = det.model_operating_point
     if op is not None:
         lines += ["", f"**Model operating point** (probability threshold {_value(op.get('probability_threshold'))}, "
                       f"min area {_value(op.get('min_area_prepared_pixels'))} prepared pixels, max lesions "
                       f"{_value(op.get('max_lesions'), 'none')}: what `mammocad predict` outputs): "
-                      f"{_fmt(op['fp_per_image'])} FP/image, sensitivity {_fmt(op['sensitivity'])} "
+                      f"{fmt(op['fp_per_image'])} FP/image, sensitivity {fmt(op['sensitivity'])} "
                       f"({op['n_detected']}/{op['n_lesions']} lesions, {op['n_false_positives']} false positives)."]
     lines += ["", f"FROC curve: {len(det.froc)} points in {JSON_NAME} (`detection.froc`).", "", "Rules:", ""]
     lines += [f"- {r}" for r in det.rules]
@@ -107,8 +93,8 @@ def segmentation_markdown(rep: SegmentationReport) -> list[str]:
              f"false-positive images (G empty, P non-empty): {c['false_positive_images']}; "
              f"scored pixels: {c['scored_pixels']}; ignored pixels: {c['ignored_pixels']}.", "",
              "## Headline metrics", ""]
-    rows = [[_HEADLINE_NAMES.get(k, k), _fmt(m.value), _ci_text(m), str(m.n)] for k, m in rep.headline.items()]
-    lines += _table(["metric", "value", f"{int(rep.bootstrap['confidence'] * 100)}% CI", "n"], rows)
+    rows = [[_HEADLINE_NAMES.get(k, k), fmt(m.value), ci_text(m.ci), str(m.n)] for k, m in rep.headline.items()]
+    lines += md_table(["metric", "value", f"{int(rep.bootstrap['confidence'] * 100)}% CI", "n"], rows)
     gt = rep.ground_truth
     if gt:
         lost = gt.get("lost_in_preprocessing") or {}
@@ -118,31 +104,31 @@ def segmentation_markdown(rep: SegmentationReport) -> list[str]:
                       f"{gt.get('n_lesions_lost_in_preprocessing', 0)}"
                       + (f" ({'; '.join(f'{n}: {why}' for why, n in lost.items())})" if lost else "") + "."]
     lines += ["", "## Per class (dataset-level confusion matrix)", ""]
-    lines += _table(["class", "IoU", "accuracy (recall)", "GT pixels", "predicted pixels"],
-                    [[p["class"], _fmt(p["iou"]), _fmt(p["accuracy"]), str(p["gt_pixels"]), str(p["pred_pixels"])]
+    lines += md_table(["class", "IoU", "accuracy (recall)", "GT pixels", "predicted pixels"],
+                    [[p["class"], fmt(p["iou"]), fmt(p["accuracy"]), str(p["gt_pixels"]), str(p["pred_pixels"])]
                      for p in rep.per_class])
     lines += ["", "Confusion matrix (rows = ground truth, columns = prediction):", ""]
-    lines += _table(["GT \\ pred"] + rep.class_names,
+    lines += md_table(["GT \\ pred"] + rep.class_names,
                     [[name] + [str(v) for v in row] for name, row in zip(rep.class_names, rep.confusion_matrix)])
     if rep.class_dice:
         lines += ["", "## Per-class Dice (images where the class is in the ground truth)", ""]
-        lines += _table(["class", "mean", "95% CI", "max", "n images"],
-                        [[name, _fmt(d["mean"].value), _ci_text(d["mean"]), _fmt(d["max"].value), str(d["mean"].n)]
+        lines += md_table(["class", "mean", "95% CI", "max", "n images"],
+                        [[name, fmt(d["mean"].value), ci_text(d["mean"].ci), fmt(d["max"].value), str(d["mean"].n)]
                          for name, d in rep.class_dice.items()])
     fp = rep.false_positive_area
     lines += ["", "## False-positive area on images without lesion", "",
               f"Images without lesion: {fp['n_images_without_lesion']}; with a prediction: "
-              f"{fp['n_false_positive_images']} (rate {_fmt(fp['false_positive_image_rate'])}); "
+              f"{fp['n_false_positive_images']} (rate {fmt(fp['false_positive_image_rate'])}); "
               f"FP pixels: {fp['total_fp_pixels']} (mean per image without lesion "
-              f"{_fmt(fp['mean_fp_pixels_per_image_without_lesion'], 1)}); "
-              f"mean fraction of the image on FP images: {_fmt(fp['mean_fp_fraction_of_image'])} "
-              f"(max {_fmt(fp['max_fp_fraction_of_image'])}); mean fraction of the breast: "
-              f"{_fmt(fp['mean_fp_fraction_of_breast'])}.", ""]
+              f"{fmt(fp['mean_fp_pixels_per_image_without_lesion'], 1)}); "
+              f"mean fraction of the image on FP images: {fmt(fp['mean_fp_fraction_of_image'])} "
+              f"(max {fmt(fp['max_fp_fraction_of_image'])}); mean fraction of the breast: "
+              f"{fmt(fp['mean_fp_fraction_of_breast'])}.", ""]
     if rep.by_image_label:
         lines += ["## By image label", ""]
-        lines += _table(["label", "images", "lesion images", "FP images", "Dice mean", "IoU mean"],
+        lines += md_table(["label", "images", "lesion images", "FP images", "Dice mean", "IoU mean"],
                         [[k, str(v["n_images"]), str(v["n_lesion_images"]), str(v["n_false_positive_images"]),
-                          _fmt(v["dice_mean"]), _fmt(v["iou_mean"])] for k, v in rep.by_image_label.items()])
+                          fmt(v["dice_mean"]), fmt(v["iou_mean"])] for k, v in rep.by_image_label.items()])
         lines.append("")
     if rep.detection is not None:
         lines += detection_markdown(rep.detection)
@@ -185,28 +171,14 @@ def pr_points(det: DetectionReport) -> list[tuple[float, float, float]]:
     return out
 
 
-def _png(fig) -> bytes:
-    import io
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    return buf.getvalue()
 
 
-def _figure():
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4.5), dpi=100)
-    FigureCanvasAgg(fig)  # matplotlib's object API on the Agg canvas: no global backend is touched
-    return fig
 
 
 def pr_png(det: DetectionReport) -> bytes:
     """PNG of the lesion-level precision-recall curve (``pr_points``), with the COCO AP of the same
     components in the title when it was computed."""
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     pts = pr_points(det)
     ax.step([p[0] for p in pts], [p[1] for p in pts], where="post", label="candidates, score threshold lowered")
@@ -224,7 +196,7 @@ def pr_png(det: DetectionReport) -> bytes:
     ax.set_title(f"PR: {det.n_lesions} lesions, hit rule {det.hit_rule}{ap}", fontsize=10)
     ax.grid(True, alpha=0.3)
     ax.legend(loc="lower left", fontsize=8)
-    return _png(fig)
+    return figure_png(fig)
 
 
 def froc_png(det: DetectionReport) -> bytes:
@@ -232,7 +204,7 @@ def froc_png(det: DetectionReport) -> bytes:
     literature), the sensitivities at the standard rates, and the model's operating point: one marked
     point that need not lie on the curve (see the rules). matplotlib's object API on the Agg canvas:
     no global backend is touched."""
-    fig = _figure()
+    fig = new_figure()
     ax = fig.add_subplot(1, 1, 1)
     xs = [p.fp_per_image for p in det.froc]
     ys = [p.sensitivity for p in det.froc]
@@ -252,4 +224,4 @@ def froc_png(det: DetectionReport) -> bytes:
     ax.set_title(f"FROC: {det.n_lesions} lesions, {det.n_images} images, hit rule {det.hit_rule}")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(loc="lower right", fontsize=8)
-    return _png(fig)
+    return figure_png(fig)

@@ -57,6 +57,20 @@ class Tiling(_Strict):
     autocast: Literal["auto", "fp32"] = "auto"
 
 
+class ClassifySettings(_Strict):
+    """How a classifier's inputs are made from a prepared image (``tasks.classify``): what it
+    classifies, and the patch around a lesion box (side = ``context`` x the box's long side, at
+    least ``min_side``, resized to ``input_size``). Shared by the training config and the card, so
+    inference rebuilds patches exactly as training made them."""
+
+    target: Literal["pathology", "kind_pathology", "image"] = "pathology"
+    context: float = Field(1.0, ge=1.0, le=16.0)  # 1 = the lesion box itself ("small context"); 2 = twice its side
+    min_side: int = Field(32, ge=1, le=MAX_TILE)  # prepared-grid pixels: a calcification's box can be a few pixels
+    # CPU-friendly default for every model: a 299 px Inception-v3 input costs ~5.5x the FLOPs of 128 px
+    input_size: int = Field(128, ge=32, le=MAX_TILE)
+    kinds: list[Literal["mass", "calcification", "distortion", "asymmetry", "other"]] | None = None  # None: every kind
+
+
 class ModelCard(pydantic.BaseModel):
     """What a bundle's ``model.json`` must hold; unknown top-level keys are kept (free text, figures)."""
 
@@ -76,6 +90,25 @@ class ModelCard(pydantic.BaseModel):
     training_data: dict[str, Any] | None = None
     training: dict[str, Any] | None = None
     validation: dict[str, Any] | None = None
+    # task classify only: how its inputs are made. Optional here, so that a lesion command refuses a
+    # classifier by its task; the classify task's readers demand it (``tasks.classify.PatchSettings``).
+    classify: ClassifySettings | None = None
+
+    @pydantic.field_validator("classify")
+    @classmethod
+    def _classify_settings(cls, value: ClassifySettings | None, info: pydantic.ValidationInfo) -> ClassifySettings | None:
+        from mammocad.datasets.targets import CLASSIFY_CLASSES
+
+        if value is None:
+            return value
+        task = info.data.get("task")
+        if task != "classify":
+            raise ValueError(f"only a classify model's card has this section, not a {task} model's")
+        expected = list(CLASSIFY_CLASSES[value.target])
+        names = info.data.get("class_names")
+        if names is not None and names != expected:
+            raise ValueError(f"class_names {names} are not those of target {value.target!r}: {expected}")
+        return value
 
     @pydantic.field_validator("preprocessing", mode="before")
     @classmethod
@@ -93,7 +126,10 @@ class ModelCard(pydantic.BaseModel):
         return spec
 
     def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        data = self.model_dump(mode="json")
+        if data.get("classify") is None:  # segment and detect cards stay as they were
+            data.pop("classify", None)
+        return data
 
 
 def describe_validation_error(err: dict[str, Any]) -> tuple[str, str]:

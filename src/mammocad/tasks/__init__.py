@@ -1,4 +1,4 @@
-"""Tasks by name: what a model does (``segment``, ``detect``; ``classify`` next).
+"""Tasks by name: what a model does (``segment``, ``detect``, ``classify``).
 
 A task module supplies everything that depends on the kind of output, so that the training engine
 (epochs, stages, DDP, resume, early stopping) and the ``Predictor`` (read, preprocess, Geometry
@@ -6,13 +6,16 @@ inverse, ``Prediction``) stay the same for every task:
 
 - ``training(cfg, prepared, run, loss_fn)`` -> a ``TaskTraining``: the training dataset from a
   prepared split, its collate, the train step (-> loss dict), validation during and after training;
-- ``model_outputs(cfg.data)``: the model's ``num_classes`` for a config's classes;
+- ``model_outputs(cfg)``: the model's ``num_classes`` for a training config;
 - ``infer(model, pixels, breast_mask, settings, ...)``: the model's raw output on the prepared grid
   (segment: tiled probabilities; detect: merged instances), and what it means:
   ``find_lesions(raw, breast_mask, settings, output_names(model, settings))`` (the bundle's output)
   and ``find_candidates(...)`` (what a FROC curve is drawn from), each a list of
   ``records.LesionComponent`` that ``Predictor`` maps back to the original image;
-  ``max_score(raw, breast_mask)`` the image's highest lesion score.
+  ``max_score(raw, breast_mask)`` the image's highest lesion score. ``classify`` has no lesions to
+  find: its ``infer`` gives a whole image's class probabilities (``target: image``), and
+  ``classify_patches`` those of lesion boxes on a prepared image (what a detector -> classifier
+  pipeline calls); ``Predictor`` runs lesion tasks only.
 
 The model card's ``task`` and the training config's ``task`` pick the module (``get_task``). Task
 modules are imported when asked for, so importing this registry stays cheap.
@@ -31,7 +34,8 @@ from torch import nn
 
 from mammocad.errors import ConfigError
 
-_TASK_MODULES = {"segment": "mammocad.tasks.segment", "detect": "mammocad.tasks.detect"}  # classify: next
+_TASK_MODULES = {"segment": "mammocad.tasks.segment", "detect": "mammocad.tasks.detect",
+                 "classify": "mammocad.tasks.classify"}
 
 
 @dataclass

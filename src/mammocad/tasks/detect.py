@@ -61,10 +61,10 @@ MAX_CODE = 254  # instance codes live in uint8 below IGNORE_INDEX
 MODES = ("whole", "four", "sliding")
 
 
-def model_outputs(data: Any) -> int:
-    """``num_classes`` of the model for a config's ``data``: lesion classes, background excluded
+def model_outputs(cfg: Any) -> int:
+    """``num_classes`` of the model for a training config: lesion classes, background excluded
     (torchvision adds it)."""
-    return int(data.label_classes) - 1
+    return int(cfg.data.label_classes) - 1
 
 
 def output_names(model: nn.Module, settings: InferenceSettings) -> tuple[str, ...]:
@@ -385,7 +385,7 @@ def load_split(cfg: Any, prepared: Any, split: str) -> list[DetectionSample]:
     from mammocad.datasets.rasterize import mask_to_box
     from mammocad.datasets.targets import PATHOLOGY_LABELS
 
-    n_classes = model_outputs(cfg.data)
+    n_classes = model_outputs(cfg)
     with cfg.errors_in("data"):
         ids = split_case_ids(prepared, cfg.data.fold, split, cfg.data.splits)
     out, left_out = [], []
@@ -470,7 +470,7 @@ class DetectTraining:
         self.cfg, self.prepared, self.run = cfg, prepared, run
         if cfg.inference.mode not in MODES:
             raise ConfigError(cfg.source, f"inference.mode: {cfg.inference.mode!r} is not one of {', '.join(MODES)}")
-        self.n_classes = model_outputs(cfg.data)
+        self.n_classes = model_outputs(cfg)
         train = load_split(cfg, prepared, "train")
         if cfg.sampling.mode != "fractions" or cfg.sampling.kind != "balanced":
             raise ConfigError(cfg.source, "sampling: detection trains on balanced patches (kind: balanced, "

@@ -111,9 +111,9 @@ def grid_probabilities(model: nn.Module, pixels: np.ndarray, breast_mask: np.nda
 infer = grid_probabilities  # the task interface's name (``mammocad.tasks``)
 
 
-def model_outputs(data: Any) -> int:
-    """``num_classes`` of the model for a config's ``data`` (1 = one sigmoid channel)."""
-    return int(data.num_classes)
+def model_outputs(cfg: Any) -> int:
+    """``num_classes`` of the model for a training config (1 = one sigmoid channel)."""
+    return int(cfg.data.num_classes)
 
 
 def output_names(model: nn.Module, settings: InferenceSettings) -> tuple[str, ...]:

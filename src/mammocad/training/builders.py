@@ -123,7 +123,7 @@ def build_base_model(cfg: TrainConfig) -> nn.Module:
     """The configured architecture, optionally initialised from a bundle (``model.init_from``)."""
     from mammocad.models import create_model
 
-    kwargs = {**cfg.model.kwargs, "num_classes": get_task(cfg.task, cfg.source).model_outputs(cfg.data)}
+    kwargs = {**cfg.model.kwargs, "num_classes": get_task(cfg.task, cfg.source).model_outputs(cfg)}
     init = None
     if cfg.model.init_from is not None:
         from mammocad.models.bundle import load_bundle
@@ -151,7 +151,7 @@ def switch_model(cfg: TrainConfig, stage: StageConfig, previous: nn.Module) -> n
 
     if stage.model is None or stage.model == previous.mammocad_config["name"]:
         return previous
-    kwargs = {**cfg.model.kwargs, "num_classes": get_task(cfg.task, cfg.source).model_outputs(cfg.data)}
+    kwargs = {**cfg.model.kwargs, "num_classes": get_task(cfg.task, cfg.source).model_outputs(cfg)}
     with config_errors(cfg, f"train.stages.{stage.name}.model"):
         return create_model(stage.model, **kwargs, init_from=previous)
 

@@ -47,8 +47,8 @@ def training_data(cfg: TrainConfig, prepared: Any) -> dict[str, Any]:
         "split_method": data.get("method"),
         "split_seed": data.get("seed"),
         "splits": counts,
-        "label_classes": cfg.data.class_names,
-        "unknown_pathology_label": cfg.data.unknown,
+        "label_classes": cfg.class_names,
+        "unknown_pathology_label": None if cfg.task == "classify" else cfg.data.unknown,
     }
 
 
@@ -68,11 +68,28 @@ def inference_autocast(cfg: TrainConfig) -> str:
     return "fp32" if cfg.train.amp in ("none", "fp16") else "auto"
 
 
+def output_kind(cfg: TrainConfig) -> str:
+    """What the model's outputs are: detection instances, or sigmoid / softmax scores."""
+    if cfg.task == "detect":
+        return "instances"
+    return "softmax" if cfg.task == "classify" or cfg.data.num_classes > 1 else "sigmoid"
+
+
+def classify_section(cfg: TrainConfig) -> dict[str, Any] | None:
+    """A classifier's input settings (``models.card.ClassifySettings``): what inference needs to make
+    its patches as training did; the training-only keys (balance) stay in the card's config."""
+    from mammocad.models.card import ClassifySettings
+
+    if cfg.task != "classify":
+        return None
+    return cfg.classify.model_dump(mode="json", include=set(ClassifySettings.model_fields))
+
+
 def build_card(cfg: TrainConfig, prepared: Any, *, report: Any, training: dict[str, Any]) -> dict[str, Any]:
     from mammocad import __version__
 
     b = cfg.bundle
-    return {
+    card = {
         "name": b.name,
         "version": b.version,
         "description": b.description,
@@ -81,8 +98,8 @@ def build_card(cfg: TrainConfig, prepared: Any, *, report: Any, training: dict[s
         "limitations": list(b.limitations),
         "task": cfg.task,
         "modality": prepared.spec.modality,
-        "class_names": cfg.data.class_names,
-        "output": "instances" if cfg.task == "detect" else "sigmoid" if cfg.data.num_classes == 1 else "softmax",
+        "class_names": cfg.class_names,
+        "output": output_kind(cfg),
         "preprocessing": prepared.spec.model_dump(mode="json"),
         "thresholds": {"probability": cfg.inference.threshold, "min_area": cfg.inference.min_area,
                        "max_lesions": cfg.inference.max_lesions},
@@ -96,3 +113,6 @@ def build_card(cfg: TrainConfig, prepared: Any, *, report: Any, training: dict[s
         "software": {"mammocad": __version__, "torch": torch.__version__, "python": platform.python_version()},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if cfg.task == "classify":
+        card["classify"] = classify_section(cfg)
+    return card

@@ -7,7 +7,8 @@ key: ``configs/mias_unet.yaml: optim.lr: Input should be greater than 0 (got -1)
 Sections: ``data`` (prepared dataset, fold, classes), ``model`` (registered name + kwargs),
 ``loss``, ``sampling`` (patches and batches), ``augment`` (``AugmentConfig``; ``null`` = none),
 ``optim`` (SGD/AdamW + LR schedule), ``train`` (epochs, early stopping, AMP, seed, stages, time
-budget), ``inference`` (tiling and thresholds, stored in the bundle), ``bundle`` (model-card text).
+budget), ``inference`` (tiling and thresholds, stored in the bundle), ``bundle`` (model-card text),
+``classify`` (``task: classify`` only: target, patch context and size, class balance).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pydantic import Field, NonNegativeFloat, PositiveFloat, PositiveInt
 
 from mammocad.augment import AugmentConfig
 from mammocad.errors import ConfigError
-from mammocad.models.card import MAX_BATCH, MAX_TILE, describe_validation_error
+from mammocad.models.card import MAX_BATCH, MAX_TILE, ClassifySettings, describe_validation_error
 
 
 class _Section(pydantic.BaseModel):
@@ -155,8 +156,22 @@ class BundleConfig(_Section):
     limitations: list[str] = Field(default_factory=list)
 
 
+class ClassifyConfig(ClassifySettings):
+    """``task: classify``: what is classified and how its patches are made (``ClassifySettings``,
+    copied into the model card), plus how training meets class imbalance."""
+
+    # sampler: class-balanced draws with replacement (every class equally often per epoch);
+    # loss: cross-entropy weighted inversely to the class frequencies of the training split
+    balance: Literal["sampler", "loss", "none"] = "sampler"
+    background_per_image: int = Field(1, ge=0, le=64)  # kind_pathology: lesion-free patches per training image
+
+
+# keys of other sections a classifier reads (the engine's loader); any other key set there is a mistake
+CLASSIFY_SAMPLING_KEYS = {"batch_size", "workers"}
+
+
 class TrainConfig(_Section):
-    task: Literal["segment", "detect"] = "segment"  # the task module (mammocad.tasks) that trains; recorded in the card
+    task: Literal["segment", "detect", "classify"] = "segment"  # the task module (mammocad.tasks) that trains; recorded in the card
     data: DataConfig
     model: ModelConfig
     loss: LossConfig = Field(default_factory=LossConfig)
@@ -166,6 +181,7 @@ class TrainConfig(_Section):
     train: TrainSection = Field(default_factory=TrainSection)
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     bundle: BundleConfig = Field(default_factory=BundleConfig)
+    classify: ClassifyConfig | None = None  # task classify only (absent: the defaults)
 
     _source: Path | None = pydantic.PrivateAttr(default=None)
 
@@ -174,12 +190,24 @@ class TrainConfig(_Section):
         """The YAML file this config came from (for error messages)."""
         return str(self._source) if self._source is not None else "config"
 
+    @property
+    def class_names(self) -> list[str]:
+        """The model's classes as the card names them: a classifier's target classes, else the label map's."""
+        from mammocad.datasets.targets import CLASSIFY_CLASSES
+
+        if self.task == "classify":
+            return list(CLASSIFY_CLASSES[self.classify.target])
+        return self.data.class_names
+
     def stage_list(self) -> list[StageConfig]:
         """The stages to run: ``train.stages``, or one stage of ``train.epochs``."""
         return list(self.train.stages) or [StageConfig(name="train", epochs=self.train.epochs)]
 
     def to_json(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        data = self.model_dump(mode="json")
+        if data.get("classify") is None:  # segment / detect configs (and their resume keys) stay as they were
+            data.pop("classify", None)
+        return data
 
     def errors_in(self, section: str) -> contextlib.AbstractContextManager[None]:
         """``config_errors(self, section)``: for code below the training layer (task modules)."""
@@ -207,11 +235,35 @@ def parse_config(data: Any, source: str | Path = "config", base_dir: str | Path 
         init = cfg.model.init_from
         if init is not None and ("/" in init or init.startswith(".")):  # a path, not a shipped bundle name
             cfg.model.init_from = str((base / init).resolve())
+    if cfg.task == "classify":
+        _check_classify_sections(cfg, source)
+        return cfg
+    if cfg.classify is not None:
+        raise ConfigError(source, f"classify: only for task: classify (this config's task is {cfg.task})")
     kw_classes = cfg.model.kwargs.get("num_classes")
     if kw_classes is not None and kw_classes != cfg.data.num_classes:
         raise ConfigError(source, f"model.kwargs.num_classes: {kw_classes} disagrees with data.num_classes "
                                   f"{cfg.data.num_classes}; set it in data only")
     return cfg
+
+
+def _check_classify_sections(cfg: TrainConfig, source: str | Path) -> None:
+    """Fill in the ``classify`` defaults and refuse keys a classifier never reads: a ``loss`` or a
+    patch size set for it would be silently ignored otherwise."""
+    if cfg.classify is None:
+        cfg.classify = ClassifyConfig()
+    unused = [f"data.{k}" for k in ("num_classes", "unknown") if k in cfg.data.model_fields_set]
+    unused += [f"sampling.{k}" for k in sorted(cfg.sampling.model_fields_set - CLASSIFY_SAMPLING_KEYS)]
+    unused += [k for k in ("loss", "inference") if k in cfg.model_fields_set]
+    if unused:
+        raise ConfigError(source, f"{unused[0]}: not used by task classify (classes come from classify.target, the "
+                                  "loss is cross-entropy, patches from classify.context and input_size); remove it")
+    if cfg.classify.kinds is not None and cfg.classify.target == "image":
+        raise ConfigError(source, "classify.kinds: selects lesions; target 'image' classifies whole images")
+    kw_classes = cfg.model.kwargs.get("num_classes")
+    if kw_classes is not None and kw_classes != len(cfg.class_names):
+        raise ConfigError(source, f"model.kwargs.num_classes: {kw_classes} disagrees with classify.target "
+                                  f"{cfg.classify.target!r} ({len(cfg.class_names)} classes); leave it out")
 
 
 def load_config(path: str | Path) -> TrainConfig:
