@@ -312,3 +312,22 @@ def test_the_engine_trains_a_classifier_in_stages_and_writes_a_classify_bundle(p
     pc = prepared.by_id("img9")
     probs = classify_patches(model.eval(), prepared.load_image(pc), pc.boxes, PatchSettings.from_card(loaded))
     assert probs.shape == (1, 2) and probs.sum() == pytest.approx(1.0, abs=1e-5)
+    # `mammocad evaluate` scores a classifier bundle as its validation did: same items, same numbers
+    from mammocad.evaluation.run import evaluate_prepared
+
+    out = tmp_path / "eval"
+    report = evaluate_prepared(result.bundle_dir, tmp_path / "prepared", split="val", out_dir=out, n_boot=20)
+    assert report.n_images == val["n_images"]
+    assert report.headline["roc_auc"].value == pytest.approx(val["headline"]["roc_auc"]["value"])
+    assert all((out / name).is_file() for name in ("metrics.json", "metrics.md", "roc.png", "reliability.png"))
+    every = evaluate_prepared(result.bundle_dir, tmp_path / "prepared", split="all", n_boot=0)
+    assert every.n_images == 10  # 12 images: one normal, one lesion of unknown pathology left out
+    assert any("left out 1 lesion(s) of unknown pathology" in n for n in every.notes)
+    from typer.testing import CliRunner
+
+    from mammocad.cli import app
+
+    res = CliRunner().invoke(app, ["evaluate", str(tmp_path / "prepared"), "--model", str(result.bundle_dir),
+                                   "--split", "all", "--n-boot", "0", "--out", str(tmp_path / "eval_cli")])
+    assert res.exit_code == 0, res.output
+    assert "classification: 10 items" in res.output and "roc_auc" in res.output

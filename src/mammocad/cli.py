@@ -273,8 +273,9 @@ def evaluate(
                                                                "lesion|ignore|background (2 classes, default lesion), "
                                                                "ignore|background|benign|malignant (3, default ignore)"),
 ) -> None:
-    """Score a segmentation bundle or saved predictions on a prepared split: Dice/IoU, mIoU, FP area,
-    lesion detection (FROC), patient-bootstrap CIs -> metrics.json + metrics.md."""
+    """Score a segmentation or detection bundle, saved predictions, or a classifier bundle on a prepared
+    split: Dice/IoU, mIoU, FP area, lesion detection (FROC, COCO AP); for a classifier confusion matrix,
+    P/R/F1, ROC AUC, calibration; patient-bootstrap CIs -> metrics.json + metrics.md (+ PNG curves)."""
     from mammocad.evaluation.run import evaluate_prepared, print_headline
 
     if (model is None) == (predictions is None):

@@ -61,6 +61,9 @@ METRICS: tuple[tuple[str, tuple[str | int, ...]], ...] = (
     ("mask_ap50", ("detection", "coco", "mask", "AP50")),
     ("box_ap", ("detection", "coco", "box", "AP")),
     ("box_ap50", ("detection", "coco", "box", "AP50")),
+    # a classifier's (task classify)
+    *((name, ("headline", name, "value")) for name in ("roc_auc", "macro_roc_auc", "balanced_accuracy", "accuracy",
+                                                        "macro_f1")),
     ("n_images", ("n_images",)),
     ("n_lesions", ("detection", "n_lesions")),
 )

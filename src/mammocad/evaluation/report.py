@@ -13,6 +13,7 @@ from mammocad.evaluation.formatting import ci_text, figure_png, fmt, md_table, n
 from mammocad.io.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 JSON_NAME, MARKDOWN_NAME, FROC_PNG, PR_PNG = "metrics.json", "metrics.md", "froc.png", "pr.png"
+ROC_PNG, RELIABILITY_PNG = "roc.png", "reliability.png"  # a classifier's (evaluation.run)
 
 _HEADLINE_NAMES = {
     "dice_lesion_images_mean": "Dice, lesion images, mean",

@@ -135,9 +135,13 @@ def evaluate_prepared(source: Any, prepared_dir: str | Path, split: str = "val",
     if candidate_threshold is not None and not 0.0 < float(candidate_threshold) <= 1.0:
         raise ConfigError("--candidate-threshold", f"must be a lesion probability in (0, 1], got {candidate_threshold}")
     hit_rule = HitRule.parse(hit)
+    classifier = _classifier_card(source, source_kind)
     with contextlib.ExitStack() as stack:
         if out_dir is not None:  # a bad --out fails here, before a model is loaded or an image read
             stack.enter_context(claim_output_dir(out_dir, "evaluate"))
+        if classifier is not None:
+            return _evaluate_classifier(source, classifier, prepared_dir, split, fold, splits_path=splits_path,
+                                        device=device, autocast=autocast, n_boot=n_boot, seed=seed, out_dir=out_dir)
         report = _evaluate(source, prepared_dir, split, fold, splits_path=splits_path, device=device,
                            batch_size=batch_size, autocast=autocast, n_boot=n_boot, seed=seed, progress=progress,
                            candidate_threshold=candidate_threshold, unknown_pathology=unknown_pathology,
@@ -146,6 +150,49 @@ def evaluate_prepared(source: Any, prepared_dir: str | Path, split: str = "val",
             from mammocad.evaluation.report import write_report
 
             write_report(report, out_dir)
+    return report
+
+
+def _classifier_card(source: Any, source_kind: str) -> Any:
+    """The card of ``source`` when it is a classifier bundle (task classify), else None."""
+    from mammocad.models.bundle import read_card, resolve_bundle
+
+    if source_kind == "predictions" or not isinstance(source, (str, Path)) or is_predictions_folder(source):
+        return None
+    try:
+        card = read_card(resolve_bundle(source))
+    except InputError:
+        return None  # not a bundle: the lesion path says what is wrong with it
+    return card if card.task == "classify" else None
+
+
+def _evaluate_classifier(bundle: str | Path, card: Any, prepared_dir: str | Path, split: str, fold: int, *,
+                         splits_path: str | Path | None, device: str, autocast: str, n_boot: int, seed: int,
+                         out_dir: str | Path | None) -> Any:
+    """A classifier scored on its items of a prepared split (lesion patches or whole images, cut from
+    the PREPARED images as in training), with ``evaluation.classification``'s report, ROC and
+    reliability curves."""
+    from mammocad.datasets.prepared import PreparedDataset
+    from mammocad.devices import resolve_device
+    from mammocad.evaluation.classification import reliability_png, roc_png
+    from mammocad.evaluation.report import RELIABILITY_PNG, ROC_PNG
+    from mammocad.io.atomic import atomic_write_bytes
+    from mammocad.models.bundle import load_bundle
+    from mammocad.tasks import classify
+
+    ds = PreparedDataset(prepared_dir)
+    case_ids = _case_ids(ds, split, fold, splits_path)
+    torch_device = resolve_device(device)
+    model, card = load_bundle(bundle, device=torch_device, card=card)
+    chosen = card.tiling.autocast if autocast == "auto" else autocast  # a card trained in fp32 says fp32
+    report = classify.evaluate_split(model, card, ds, case_ids, split=split, n_boot=n_boot, seed=seed,
+                                     autocast=chosen, device=torch_device)
+    report.notes.append(f"evaluated: bundle {card.name} {card.version} on {ds.root} split {split}"
+                        + ("" if split == "all" else f" fold {fold}") + "; inputs cut from the prepared images")
+    if out_dir is not None:
+        classify.write_classification_report(report, Path(out_dir))
+        atomic_write_bytes(Path(out_dir) / ROC_PNG, roc_png(report))
+        atomic_write_bytes(Path(out_dir) / RELIABILITY_PNG, reliability_png(report))
     return report
 
 
@@ -288,12 +335,21 @@ def _describe_detection(report: SegmentationReport, seen: dict[str, Any], use_ca
         det.model_operating_point = {**operating, **det.model_operating_point}
 
 
-def print_headline(report: SegmentationReport, console: Any = None) -> None:
+def print_headline(report: Any, console: Any = None) -> None:
     """The headline numbers as a small table (the full report is in metrics.md)."""
     from rich.console import Console
     from rich.table import Table
 
     console = console or Console()
+    if not isinstance(report, SegmentationReport):  # a classifier's ClassificationReport
+        t = Table(title=f"classification: {report.n_images} items, {report.n_patients} patients")
+        for col in ("metric", "value", "95% CI"):
+            t.add_column(col)
+        for key, m in report.headline.items():
+            ci = "-" if m.ci is None or not np.isfinite(m.ci.low) else f"[{m.ci.low:.4f}, {m.ci.high:.4f}]"
+            t.add_row(key, "n/a" if not np.isfinite(m.value) else f"{m.value:.4f}", ci)
+        console.print(t)
+        return
     t = Table(title=f"segmentation: {report.n_images} images, {report.n_patients} patients")
     for col in ("metric", "value", "95% CI", "n"):
         t.add_column(col)

@@ -583,5 +583,26 @@ class ClassifyTraining:
                             f"{val.report.n_patients} patients")
 
 
+def evaluate_split(model: nn.Module, card: Any, prepared: Any, case_ids: Sequence[str], *, split: str,
+                   n_boot: int, seed: int = 0, autocast: str = "fp32", device: torch.device | None = None) -> Any:
+    """A classifier bundle's ``ClassificationReport`` on prepared cases: its items (lesion patches or
+    whole images, background draws fixed by ``seed``) made as training made them, from the card's
+    settings and its training config's ``classify`` section (background patches per image)."""
+    from types import SimpleNamespace
+
+    settings = PatchSettings.from_card(card)
+    trained = ((card.config or {}).get("classify") or {})
+    section = SimpleNamespace(target=settings.target, kinds=card.classify.kinds,
+                              background_per_image=int(trained.get("background_per_image", 1)))
+    data = load_split(prepared, case_ids, section)
+    if not data.items:
+        raise InputError(prepared.root, f"no item to classify in split {split!r} for target {settings.target!r}")
+    output_names(model, settings)
+    probs = predict_inputs(model, validation_inputs(data, settings, seed), autocast=autocast, device=device)
+    report = score_report(probs, data, settings.target, n_boot)
+    report.notes += data.notes(split)
+    return report
+
+
 def training(cfg: Any, prepared: Any, run: RunContext, loss_fn: nn.Module | None = None) -> ClassifyTraining:
     return ClassifyTraining(cfg, prepared, run, loss_fn)
