@@ -228,7 +228,8 @@ def predict(
     inputs: list[Path] = typer.Argument(..., help="image files (DICOM, PNG, PGM, JPEG, TIFF) and/or folders (searched recursively)"),
     out: Path = typer.Option(..., "--out", help="output folder"),
     model: Optional[str] = typer.Option(None, help="bundle name or folder (default: by modality, "
-                                                   "mammo-lesion-seg for MG, us-lesion-seg for US)"),
+                                                   "mammo-lesion-seg for MG, us-lesion-seg for US); a pipeline "
+                                                   "bundle also classifies each lesion and labels the image"),
     modality: Optional[str] = typer.Option(None, help="MG | US: the modality of plain images (PNG, JPEG, ...), which "
                                                       "carry none (without it MG is assumed, and the outputs say so); "
                                                       "DICOM files are told by their header"),

@@ -241,15 +241,21 @@ class PredictedLesion:
     area: float = 0.0  # pixels in the original image
     mask_path: str | None = None
     mask: CroppedMask | None = field(default=None, compare=False, repr=False)
+    # A pipeline's lesion classifier (``inference.compose``): P(benign), P(malignant) of this lesion,
+    # and the call at the pipeline's threshold. Empty / None from a lesion model alone.
+    pathology_probabilities: dict[str, float] = field(default_factory=dict)
+    pathology: str | None = None
 
     def __post_init__(self) -> None:
         self.box = tuple(float(v) for v in self.box)  # type: ignore[assignment]
         self.score = float(self.score)
+        _check(self.pathology, PATHOLOGIES, "pathology")
 
     def to_dict(self, mask_rle: bool = False) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "mask"}
         d["box"] = list(self.box)
         d["class_probabilities"] = dict(self.class_probabilities)
+        d["pathology_probabilities"] = dict(self.pathology_probabilities)
         if mask_rle and self.mask is not None:
             d["mask_rle"] = self.mask.to_rle()
         return d
@@ -268,18 +274,26 @@ class Prediction:
     ``lesions`` are what the model outputs at its operating point (threshold, minimum area, max
     lesions); ``candidates`` are every component found at a low probability threshold, each with its
     score (``attributes["candidate_search"]`` says which threshold and cap): what a FROC curve needs,
-    since the lesions alone give one point of it."""
+    since the lesions alone give one point of it.
+
+    A pipeline (``inference.compose``) adds the image-level verdict: ``label_probabilities`` (normal,
+    benign, malignant; sum 1), the ``label`` they decide, and the ``decision_thresholds`` that
+    decided it and each lesion's pathology call. A lesion model alone leaves them empty."""
 
     image_path: str
     image_size: tuple[int, int]  # (height, width) of the original image
     model_name: str
     model_version: str
     lesions: list[PredictedLesion] = field(default_factory=list)
-    image_probabilities: dict[str, float] = field(default_factory=dict)
+    # named after ``Case.label`` (the image-level label); was ``image_probabilities``, never filled
+    label_probabilities: dict[str, float] = field(default_factory=dict)
     attributes: dict[str, Any] = field(default_factory=dict)
     candidates: list[PredictedLesion] = field(default_factory=list)
+    label: str | None = None
+    decision_thresholds: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        _check(self.label, IMAGE_LABELS, "label")
         self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
         self.lesions = [p if isinstance(p, PredictedLesion) else PredictedLesion.from_dict(p) for p in self.lesions]
         self.candidates = [p if isinstance(p, PredictedLesion) else PredictedLesion.from_dict(p) for p in self.candidates]
@@ -290,6 +304,8 @@ class Prediction:
         d["image_size"] = list(self.image_size)
         d["lesions"] = [p.to_dict() for p in self.lesions]
         d["candidates"] = [p.to_dict(mask_rle=True) for p in self.candidates]
+        d["label_probabilities"] = dict(self.label_probabilities)
+        d["decision_thresholds"] = dict(self.decision_thresholds)
         return d
 
     @classmethod

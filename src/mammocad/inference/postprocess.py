@@ -60,8 +60,15 @@ def lesions_to_original(components: list[LesionComponent], geometry: Geometry) -
     original grid. Components that map outside the original image (drawn on padding) are dropped.
     One int32 label map per layer of disjoint components (``disjoint_layers``) goes through
     ``geometry.inverse_array(kind="nearest")``: one resize for a segmentation's components, whatever their count."""
+    found = components_to_original(components, geometry)
+    return [found[k] for k in sorted(found)]
+
+
+def components_to_original(components: list[LesionComponent], geometry: Geometry) -> dict[int, PredictedLesion]:
+    """``lesions_to_original`` keyed by each kept lesion's index in ``components``: what a caller
+    needs to pair a lesion with what it computed on the prepared grid (``inference.compose``)."""
     if not components:
-        return []
+        return {}
     size = tuple(geometry.size)
     masks = [c.mask for c in components]
     oh, ow = geometry.source_size
@@ -83,7 +90,7 @@ def lesions_to_original(components: list[LesionComponent], geometry: Geometry) -
             found[k] = PredictedLesion(box=(x0, y0, x1, y1), score=comp.score, label=comp.label,
                                        class_probabilities=dict(comp.class_probabilities), area=float(area),
                                        mask=CroppedMask(region, cx0, cy0, (oh, ow)))
-    return [found[k] for k in sorted(found)]
+    return found
 
 
 def lesions_to_prepared(lesions: list[PredictedLesion], geometry: Geometry) -> list[LesionComponent]:

@@ -1,9 +1,11 @@
-"""``mammocad predict``: run a segmentation bundle over files and folders, write per input::
+"""``mammocad predict``: run a lesion (segment / detect) or pipeline bundle over files and folders,
+write per input::
 
     OUT/<stem>.json            Prediction.to_dict() (+ "mask", "overlay", "input"; per lesion "mask")
     OUT/<stem>_lesion<k>.png   lesion k (1-based), 0/255, the ORIGINAL image's size
     OUT/<stem>_mask.png        union of the lesions, 0/255, original size
-    OUT/<stem>_overlay.png     colour overlay: contours + "malignant 0.83" labels on the image
+    OUT/<stem>_overlay.png     colour overlay: contours + "malignant 0.83" labels on the image (a
+                               pipeline's: coloured by the pathology call, + "P(malignant) 0.83")
     OUT/summary.json           this run: counts, models used, failures, one row per input
 
 Every file is written atomically and the JSON last, so an input whose JSON exists is finished: a
@@ -163,9 +165,17 @@ def _remove_previous(out_dir: Path, stem: str, record: dict[str, Any] | None) ->
 # ---- outputs -----------------------------------------------------------------------------------
 def lesion_text(lesion: Any) -> str:
     """Overlay label: the class and its probability, ``malignant 0.83`` (P(malignant | lesion) of a
-    benign/malignant model), or ``lesion 0.97`` (the lesion score of a one-class model)."""
+    benign/malignant model), or ``lesion 0.97`` (the lesion score of a one-class model); a pipeline's
+    classified lesion adds its P(malignant): ``lesion 0.97 P(malignant) 0.83``."""
     p = lesion.class_probabilities.get(lesion.label, lesion.score) if lesion.class_probabilities else lesion.score
-    return f"{lesion.label} {p:.2f}"
+    text = f"{lesion.label} {p:.2f}"
+    malignant = (getattr(lesion, "pathology_probabilities", None) or {}).get("malignant")
+    return text if malignant is None else f"{text} P(malignant) {malignant:.2f}"
+
+
+def lesion_colour_label(lesion: Any) -> str:
+    """The overlay colour's key (``visualize.COLOURS``): a pipeline's pathology call, else the class."""
+    return getattr(lesion, "pathology", None) or lesion.label
 
 
 class FullMasks(abc.Sequence):
@@ -184,7 +194,9 @@ class FullMasks(abc.Sequence):
 def write_outputs(out_dir: Path, stem: str, image: Any, result: Any) -> dict[str, Any]:
     """Write the lesion masks, union mask, overlay and (last) the JSON of one input; return the JSON.
 
-    The JSON is ``Prediction.to_dict()``: lesions name their mask PNGs; ``candidates`` (every
+    The JSON is ``Prediction.to_dict()`` (a pipeline's adds per lesion ``pathology_probabilities``
+    and ``pathology``, per image ``label_probabilities``, ``label`` and ``decision_thresholds``,
+    the overlay colouring lesions by their pathology call): lesions name their mask PNGs; ``candidates`` (every
     component at the low candidate threshold, what ``mammocad evaluate`` draws its FROC curve from)
     carry their masks inline as COCO RLE on the original grid, and ``attributes.candidate_search``
     records their threshold and cap."""
@@ -196,7 +208,7 @@ def write_outputs(out_dir: Path, stem: str, image: Any, result: Any) -> dict[str
         lesion.mask_path = f"{stem}_lesion{k}.png"
         write_png(out_dir / lesion.mask_path, masks[k - 1])
     write_png(out_dir / f"{stem}_mask.png", np.asarray(union, dtype=bool))
-    overlay = draw_overlay(image.pixels, masks, [les.label for les in prediction.lesions],
+    overlay = draw_overlay(image.pixels, masks, [lesion_colour_label(les) for les in prediction.lesions],
                            [lesion_text(les) for les in prediction.lesions])
     write_png(out_dir / f"{stem}_overlay.png", overlay)
     record = prediction.to_dict()
@@ -281,7 +293,8 @@ def predict_files(inputs: Sequence[str | Path], out_dir: str | Path, model: str 
     ``model`` (a bundle name or folder) is used for every input; without it the model is chosen per
     input by modality (``DEFAULT_MODELS``), ``modality`` being the one of plain images (None: MG,
     reported as assumed). Inputs over ``max_pixels`` pixels (None: no limit) are refused unread.
-    ``load_predictor`` builds a predictor from a bundle name (default ``Predictor(bundle, device=..., ...)``).
+    ``load_predictor`` builds a predictor from a bundle name (default ``inference.compose.open_predictor``: a
+    ``PipelinePredictor`` for a pipeline bundle, else ``Predictor``).
     """
     start = time.monotonic()
     if modality is not None:
@@ -292,10 +305,10 @@ def predict_files(inputs: Sequence[str | Path], out_dir: str | Path, model: str 
         raise ConfigError("--max-pixels", f"must be at least 1, got {max_pixels}")
     out_dir = check_output_dir(out_dir, create=False)  # before any model loads; created when claimed
     if load_predictor is None:
-        from mammocad.inference.predictor import Predictor
+        from mammocad.inference.compose import open_predictor
 
-        def load_predictor(bundle: str | Path) -> Any:
-            return Predictor(bundle, device=device, batch_size=batch_size, autocast=autocast)
+        def load_predictor(bundle: str | Path) -> Any:  # a pipeline bundle gets a PipelinePredictor
+            return open_predictor(bundle, device=device, batch_size=batch_size, autocast=autocast)
 
     predictors: dict[str, Any] = {}
     load_errors: dict[str, MammocadError] = {}

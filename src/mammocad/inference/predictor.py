@@ -41,6 +41,17 @@ class ImagePrediction(NamedTuple):
     lesion_masks: list[CroppedMask]
 
 
+class StagedPrediction(NamedTuple):
+    """``Predictor.predict_stages``'s result: the prediction and what it was made from on the prepared
+    grid, for a stage that follows the lesion model (``inference.compose``)."""
+
+    result: ImagePrediction
+    image: LoadedImage  # the original image as read
+    prepared: Any  # ``preprocess_image``'s result: pixels, breast mask and Geometry of the prepared grid
+    components: list[LesionComponent]  # the lesions on the prepared grid, before mapping back
+    kept: list[int]  # ``components`` index of each ``result.prediction.lesions`` entry (some map outside)
+
+
 @dataclass(frozen=True, kw_only=True)
 class BundleSettings(InferenceSettings):
     """What inference needs from a model card, checked once."""
@@ -144,7 +155,14 @@ class Predictor:
         ``laterality`` (L/R) defaults to the DICOM tag; when it disagrees with the pixels the pixels
         win and the disagreement is recorded in ``attributes["preprocessing_notes"]``.
         """
-        from mammocad.inference.postprocess import lesions_to_original, union_mask_original
+        return self.predict_stages(image, laterality, candidate_threshold=candidate_threshold,
+                                   max_candidates=max_candidates).result
+
+    def predict_stages(self, image: str | Path | LoadedImage, laterality: str | None = None, *,
+                       candidate_threshold: float | None = DEFAULT_CANDIDATE_THRESHOLD,
+                       max_candidates: int | None = DEFAULT_MAX_CANDIDATES) -> StagedPrediction:
+        """``predict_image`` with the prepared image and the prepared-grid lesions it came from."""
+        from mammocad.inference.postprocess import components_to_original, lesions_to_original, union_mask_original
         from mammocad.preprocess.pipeline import preprocess_image
 
         if not isinstance(image, LoadedImage):
@@ -153,7 +171,10 @@ class Predictor:
         spec = self.settings.spec
         pre = preprocess_image(image, spec, laterality=laterality or meta.get("laterality"))
         raw = self.infer(pre.pixels, pre.breast_mask)
-        mapped = lesions_to_original(self.lesions(raw, pre.breast_mask), pre.geometry)
+        components = self.lesions(raw, pre.breast_mask)
+        by_index = components_to_original(components, pre.geometry)
+        kept = sorted(by_index)
+        mapped = [by_index[k] for k in kept]
         union = union_mask_original(mapped, image.shape)
         candidates, search = [], None
         if candidate_threshold is not None:
@@ -183,5 +204,6 @@ class Predictor:
         prediction = Prediction(image_path=str(image.path), image_size=image.shape, model_name=self.name,
                                 model_version=self.version, lesions=mapped, attributes=attributes,
                                 candidates=candidates)
-        return ImagePrediction(prediction, union, [les.mask for les in mapped])
+        return StagedPrediction(ImagePrediction(prediction, union, [les.mask for les in mapped]), image, pre,
+                                components, kept)
 

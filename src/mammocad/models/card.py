@@ -22,6 +22,7 @@ from mammocad.preprocess.pipeline import PreprocessSpec
 BUNDLE_FORMAT = "mammocad-model-bundle"
 BUNDLE_FORMAT_VERSION = 1
 TASKS = ("segment", "detect", "classify")  # what a model does; picks the task module (mammocad.tasks)
+PIPELINE_TASK = "pipeline"  # a card of stage bundles (``models.pipeline``), never a model of its own
 # Size bounds. The largest real inputs: full-field mammograms up to ~5900 px on the long side; tiles
 # and batches far beyond these only ever come from a typo (``long_side: 30000`` ran for minutes).
 MAX_IMAGE_SIDE = 8192
@@ -159,6 +160,9 @@ def validate_card(data: Any, source: str | Path) -> ModelCard:
                                  "\"task\": \"segment\" (add it to the card)")
     if data["task"] == "segmentation":
         raise InputError(source, "task: 'segmentation' is the old name; write \"task\": \"segment\"")
+    if data["task"] == PIPELINE_TASK:  # no weights of its own: its stages are bundles (models.pipeline)
+        raise InputError(source, "is a pipeline bundle (it names its stage bundles and holds no weights), not one "
+                                 "model; run it with `mammocad predict --model`")
     try:
         return ModelCard.model_validate(data)
     except pydantic.ValidationError as exc:
