@@ -167,7 +167,7 @@ def test_rebuilt_from_json_config_loads_weights(case):
 
 
 def test_registry_errors():
-    with pytest.raises(ConfigError, match="unknown model; known: deeplabv3"):
+    with pytest.raises(ConfigError, match="unknown model; known: classifier, deeplabv3"):
         create_model("unet3d")
     with pytest.raises(ConfigError, match="model unet.*base_chanels"):
         create_model("unet", base_chanels=8)
@@ -419,3 +419,20 @@ def test_every_model_agrees_under_bf16_autocast(case, num_classes):
         differ = (ref.argmax(1) != low.argmax(1)).float().mean().item()
     assert differ <= 0.08, f"{case}: {differ:.1%} of the pixels change class under bf16 autocast"
     assert (ref - low).abs().mean() <= 0.15 * ref.std(), case
+
+
+def test_building_one_model_imports_its_module_only():
+    """A U-Net bundle must not pay for torchvision's segmentation and detection stacks (issue 9.4);
+    BUILTIN_MODULES names the module of every registered model."""
+    import subprocess
+    import sys
+
+    from mammocad.models.registry import BUILTIN_MODULES
+
+    assert set(BUILTIN_MODULES) == set(list_models(None))
+    code = ("import sys; from mammocad.models.registry import create_model; create_model('unet', num_classes=1, "
+            "base_channels=4, depth=2); print(sorted(m for m in sys.modules if m.startswith('mammocad.models.')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = eval(out)  # a printed list of module names
+    assert "mammocad.models.unet" in loaded
+    assert not {"mammocad.models.deeplab", "mammocad.models.maskrcnn", "mammocad.models.fcn"} & set(loaded), loaded
